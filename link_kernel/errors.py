@@ -1,0 +1,152 @@
+"""Link's own failures, as a tree of typed exceptions.
+
+Every error Link reports to a notebook is one of these. Its class name is the
+``ename`` of the iopub ``error`` message; its text says what went wrong and its
+``hint`` says what to do about it. Lower-level errors (paramiko, OSError, pickle)
+are mapped onto this tree at the boundary with ``raise X(...) from exc``::
+
+    LinkError
+    ├── RoutingError                  the cell's routing comment or %link line is wrong
+    │   └── UnknownTargetError        a target that is neither local nor a known host
+    ├── HostConfigError               the host registry or an ssh config entry is wrong
+    ├── TransportError                reaching a host failed
+    │   ├── HostUnreachableError      no TCP connection, or it went silent
+    │   ├── AuthenticationError       the host refused every key we have
+    │   │   └── PasswordRequiredError the host wants a password; Link never prompts
+    │   ├── HostKeyError              the host's key is not the one we trust
+    │   │   ├── UnknownHostKeyError   no key recorded for this host
+    │   │   └── ChangedHostKeyError   a different key is recorded for this host
+    │   └── ConnectionLostError       an established connection dropped mid-cell
+    ├── KernelError                   a kernel behind the router misbehaved
+    │   ├── KernelStartError          a kernel did not start or never became ready
+    │   ├── RemoteEnvironmentError    the host's python lacks ipykernel or dill, or differs
+    │   └── KernelDiedError           a kernel process died while running a cell
+    └── SyncError                     moving variables or files failed
+        ├── SerializationError        a variable cannot be pickled or unpickled
+        ├── TransferError             bytes did not arrive whole
+        └── FileSyncError             a file could not be synced
+"""
+
+from __future__ import annotations
+
+
+class LinkError(Exception):
+    """Base of every error Link reports.
+
+    ``hint`` is one sentence that tells the user what to do next; it is shown
+    under the message in the notebook.
+    """
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RoutingError(LinkError):
+    hint = "Write the first line as '# link: TARGET[|TARGET...] [option=value ...]'."
+
+
+class UnknownTargetError(RoutingError):
+    def __init__(self, target: str, known: list[str]) -> None:
+        self.target = target
+        self.known = list(known)
+        msg = f"unknown host {target!r}; known: {', '.join(self.known)}"
+        super().__init__(
+            msg, hint="Add it with 'link-kernel hosts add ALIAS [user@]HOST', or fix the name."
+        )
+
+
+class HostConfigError(LinkError):
+    hint = "Check the host with 'link-kernel hosts list' and 'link-kernel hosts check ALIAS'."
+
+
+class TransportError(LinkError):
+    def __init__(self, host: str, message: str, *, hint: str | None = None) -> None:
+        self.host = host
+        super().__init__(message, hint=hint)
+
+
+class HostUnreachableError(TransportError):
+    hint = "Check that the host is up and reachable, then run 'link-kernel hosts check ALIAS'."
+
+
+class AuthenticationError(TransportError):
+    hint = "Load a key the host accepts into ssh-agent, or set one with 'hosts add --identity'."
+
+
+class PasswordRequiredError(AuthenticationError):
+    pass
+
+
+class HostKeyError(TransportError):
+    pass
+
+
+class UnknownHostKeyError(HostKeyError):
+    def __init__(self, host: str, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        super().__init__(
+            host,
+            f"host {host!r} is not in known_hosts (its key is {fingerprint})",
+            hint=f"Verify the fingerprint, then run 'link-kernel hosts add {host} ... "
+            "--accept-new-host-key' or 'ssh {host}' once in a terminal.",
+        )
+
+
+class ChangedHostKeyError(HostKeyError):
+    def __init__(self, host: str, got: str, expected: str) -> None:
+        self.got = got
+        self.expected = expected
+        super().__init__(
+            host,
+            f"the host key of {host!r} changed: it is now {got}, known_hosts has {expected}",
+            hint="This can be an attack. If the host was reinstalled, remove its old line from "
+            "known_hosts ('ssh-keygen -R HOST') and connect again.",
+        )
+
+
+class ConnectionLostError(TransportError):
+    hint = "The local namespace is unchanged; run the cell again once the host is back."
+
+
+class KernelError(LinkError):
+    pass
+
+
+class KernelStartError(KernelError):
+    hint = "Run 'link-kernel hosts check ALIAS' to see which step fails."
+
+
+class RemoteEnvironmentError(KernelError):
+    hint = "Install ipykernel and dill into the host's python, or point --python at one that has them."
+
+
+class KernelDiedError(KernelError):
+    hint = "The local namespace is unchanged; the next cell gets a fresh kernel."
+
+
+class SyncError(LinkError):
+    pass
+
+
+class SerializationError(SyncError):
+    def __init__(self, name: str, type_name: str, reason: str, *, hint: str | None = None) -> None:
+        self.name = name
+        self.type_name = type_name
+        self.reason = reason
+        super().__init__(f"variable {name!r} ({type_name}) cannot be sent: {reason}", hint=hint)
+
+
+class TransferError(SyncError):
+    hint = "The local namespace is unchanged; run the cell again."
+
+
+class FileSyncError(SyncError):
+    hint = "Fix the file, or exclude it in .linkignore."

@@ -1,0 +1,516 @@
+"""LinkKernel: the frontend-facing router.
+
+It speaks the Jupyter protocol to the frontend on ipykernel's kernel base and
+runs nothing itself. Each request goes to a backend:
+
+- execute_request: to the target the cell's first line names (see
+  :mod:`link_kernel.routing`), or to the notebook's default target;
+- complete, inspect, is_complete, history, comm_*: to the local kernel, which
+  holds the notebook's namespace;
+- kernel_info, connect, interrupt, shutdown: answered by the router.
+
+Handlers are named after the message types they handle. Status is the
+router's own: it publishes ``busy`` before and ``idle`` after every request
+(ipykernel's dispatch does that) and drops its backends' status messages.
+Every request gets a reply, whatever fails: Link's own failures are short
+errors with a typed ``ename`` and a hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ipykernel._version import kernel_protocol_version as PROTOCOL_VERSION
+from ipykernel.kernelbase import Kernel
+from jupyter_client.session import DELIM
+from traitlets import Any as AnyTrait
+from traitlets import Float, Unicode
+
+from . import __version__, routing
+from .backends import Backend, ExecuteRequest, Reply
+from .backends.local import LocalBackend
+from .connection import delim_index, header_of
+from .errors import KernelDiedError, LinkError
+from .relay import Relay
+
+log = logging.getLogger(__name__)
+
+LANGUAGE_INFO = {
+    "name": "python",
+    "version": sys.version.split()[0],
+    "mimetype": "text/x-python",
+    "codemirror_mode": {"name": "ipython", "version": sys.version_info[0]},
+    "pygments_lexer": "ipython3",
+    "nbconvert_exporter": "python",
+    "file_extension": ".py",
+}
+
+HELP = """\
+Link (hybrid) runs each cell where its first line says:
+
+    # link: gpu                     run on host alias 'gpu'
+    # link: gpu|tesla|local         first reachable target wins
+    # link: gpu keep                keep the host's kernel for the next cells
+    # link: gpu kernel=torch-2      use a remote kernelspec
+    # link: gpu in=df out=model     name the variables to send and bring back
+    # link: gpu files=off timeout=3600
+
+Cells without one run on the default target ({default}).
+
+    %link status                    targets, kernels and the last cell
+    %link default TARGET            change the default target
+    %link hosts                     known hosts
+    %link release [ALIAS]           shut down kept kernels
+    %link sync [ALIAS]              sync the working directory now
+"""
+
+
+def error_content(err: LinkError) -> dict[str, Any]:
+    """The ename/evalue/traceback of a Link error, as the notebook shows it."""
+    ename = type(err).__name__
+    lines = [f"\x1b[0;31m{ename}\x1b[0m: {err.message}"]
+    if err.hint:
+        lines.append(f"\x1b[0;36mHint\x1b[0m: {err.hint}")
+    return {"ename": ename, "evalue": err.message, "traceback": lines}
+
+
+class LinkKernel(Kernel):
+    """The router kernel behind "Link (hybrid)"."""
+
+    implementation = "link_kernel"
+    implementation_version = __version__
+    banner = f"Link (hybrid) {__version__}: cells run locally or on remote hosts"
+    language_info = LANGUAGE_INFO
+    help_links = [
+        {"text": "Python Reference", "url": "https://docs.python.org/3/"},
+        {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
+    ]
+
+    msg_types = [
+        *Kernel.msg_types,
+        "comm_open",
+        "comm_msg",
+        "comm_close",
+    ]
+
+    #: The frontend's shell socket; a LoopStream (see app.py), not a ZMQStream.
+    shell_stream = AnyTrait()
+
+    default_target = Unicode(
+        routing.LOCAL, help="Where cells without a routing comment run, e.g. 'gpu|local'."
+    ).tag(config=True)
+    local_start_timeout = Float(
+        60.0, help="Seconds to wait for the local kernel to start."
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="link-"))
+        self.default = routing.parse_targets(self.default_target)
+        self.relay = Relay(self.session, self.iopub_socket, None)
+        self.local = LocalBackend(
+            session=self.session,
+            context=self.shell_stream.socket.context,
+            relay=self.relay,
+            runtime_dir=self.runtime_dir,
+            start_timeout=self.local_start_timeout,
+        )
+        self.remotes: dict[str, Backend] = {}
+        self._raw: dict[str, tuple[list, int]] = {}
+        self._active: Backend | None = None
+        self._echoed = ""
+        self._started: asyncio.Task | None = None
+        self._closing = False
+        self.last_cell: dict[str, Any] = {}
+        self._status_topic = self._topic("status")
+
+    # -- startup and shutdown ------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        self.io_loop.add_callback(self._start_backends)
+
+    async def _start_backends(self) -> None:
+        self._started = asyncio.ensure_future(self.local.start())
+        try:
+            await self._started
+        except Exception:
+            self.log.exception("the local kernel did not start")
+
+    async def _ready(self) -> None:
+        """Wait for the local kernel's first start; restart it if it died."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.local.start())
+        try:
+            await asyncio.shield(self._started)
+        except LinkError:
+            self._started = asyncio.ensure_future(self.local.start())
+            await self._started
+
+    def on_stdin_frames(self, frames: list) -> None:
+        """The frontend's stdin socket: input replies go to the kernel that asked."""
+        self.relay.on_frontend_stdin(frames)
+
+    async def stop_backends(self, *, restart: bool = False) -> None:
+        """End every kernel the router started. Runs on the main loop."""
+        self._closing = True
+        backends = [*self.remotes.values(), self.local]
+        results = await asyncio.gather(
+            *(b.shutdown(restart=restart) for b in backends), return_exceptions=True
+        )
+        for backend, result in zip(backends, results):
+            if isinstance(result, BaseException):
+                self.log.error("shutting down %s failed: %r", backend.name, result)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        """Called on the control thread: stop the backends on the main loop."""
+        future = asyncio.run_coroutine_threadsafe(
+            self.stop_backends(restart=restart), self.io_loop.asyncio_loop
+        )
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), 30)
+        except Exception:
+            self.log.exception("stopping the backends failed")
+        return {"status": "ok", "restart": restart}
+
+    async def interrupt_request(self, stream, ident, parent) -> None:
+        """Called on the control thread: interrupt the cell on its backend."""
+        asyncio.run_coroutine_threadsafe(self.interrupt_active(), self.io_loop.asyncio_loop)
+        self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    async def interrupt_active(self) -> None:
+        backend = self._active
+        if backend is not None:
+            try:
+                await backend.interrupt()
+            except Exception:
+                self.log.exception("interrupting %s failed", backend.name)
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "implementation": self.implementation,
+            "implementation_version": self.implementation_version,
+            "language_info": self.language_info,
+            "banner": self.banner,
+            "help_links": self.help_links,
+            "supported_features": [],
+        }
+
+    # -- dispatch -----------------------------------------------------------------
+
+    async def dispatch_shell(self, msg, /, subshell_id=None, *, concurrent=False):
+        """Keep the raw frames of each request, so it can be forwarded unchanged."""
+        try:
+            i = delim_index(msg)
+            self._raw[header_of(msg, i)["msg_id"]] = (msg, i)
+        except (ValueError, KeyError):
+            pass
+        await super().dispatch_shell(msg, subshell_id, concurrent=concurrent)
+
+    async def shell_main(self, subshell_id, msg) -> None:
+        """Serve execute requests without ipykernel's generic dispatch.
+
+        The generic path deserializes the whole message, parses dates and
+        flushes the router's stdio around every request; an execute request
+        needs none of that, and it is the one request whose latency users
+        feel. Everything else (and any request the fast path cannot read)
+        takes the generic path.
+        """
+        request = self._read_execute(msg)
+        if request is None:
+            await super().shell_main(subshell_id, msg)
+            return
+        async with self._main_asyncio_lock:
+            if self._aborting:
+                await self.dispatch_shell(msg)
+                return
+            ident, i, parent = request
+            self._raw[parent["header"]["msg_id"]] = (msg, i)
+            header_raw = _bytes(msg[i + 2])
+            self._publish_raw_status(b"busy", header_raw)
+            try:
+                await self.execute_request(self.shell_stream, ident, parent)
+            except Exception:
+                self.log.exception("execute_request failed")
+            finally:
+                self._publish_raw_status(b"idle", header_raw)
+
+    def _read_execute(self, msg: list) -> tuple[list[bytes], int, dict] | None:
+        """A signed execute_request's idents, DELIM index and message; else None."""
+        try:
+            i = delim_index(msg)
+            parts = [_bytes(f) for f in msg[i + 2 : i + 6]]
+            if len(parts) < 4 or b'"execute_request"' not in parts[0]:
+                return None
+            if self.session.auth is not None and not hmac.compare_digest(
+                self.session.sign(parts), _bytes(msg[i + 1])
+            ):
+                return None
+            header = json.loads(parts[0])
+            if header.get("msg_type") != "execute_request" or header.get("subshell_id"):
+                return None
+            parent = {
+                "header": header,
+                "parent_header": json.loads(parts[1]),
+                "metadata": json.loads(parts[2]),
+                "content": json.loads(parts[3]),
+                "msg_id": header["msg_id"],
+                "msg_type": "execute_request",
+                "buffers": [],
+            }
+        except (ValueError, KeyError, TypeError):
+            return None
+        return [_bytes(f) for f in msg[:i]], i, parent
+
+    def _publish_raw_status(self, state: bytes, parent_header: bytes) -> None:
+        """Publish a status whose parent header is the request's header frame."""
+        session = self.session
+        header = json.dumps(
+            {
+                "msg_id": session.msg_id,
+                "msg_type": "status",
+                "username": session.username,
+                "session": session.session,
+                "date": datetime.now(timezone.utc).isoformat(),
+                "version": PROTOCOL_VERSION,
+            }
+        ).encode()
+        parts = [header, parent_header, b"{}", b'{"execution_state": "' + state + b'"}']
+        self.iopub_socket.send_multipart([self._status_topic, DELIM, session.sign(parts), *parts])
+
+    def _take_raw(self, parent: dict) -> tuple[list, int]:
+        return self._raw.pop(parent["header"]["msg_id"])
+
+    async def relay_to_local(self, stream, ident, parent) -> None:
+        """Forward a request to the local kernel and relay its reply."""
+        frames, i = self._take_raw(parent)
+        msg_type = parent["header"]["msg_type"]
+        try:
+            await self._ready()
+            reply = await self.local.forward(frames, i, parent["header"]["msg_id"], "shell")
+        except LinkError as err:
+            reply_type = msg_type.replace("_request", "_reply")
+            content = {"status": "error", **error_content(err)}
+            self.session.send(stream, reply_type, content, parent, ident=ident)
+            return
+        if msg_type == "history_request":
+            reply = self._fix_history(parent["content"], reply)
+        stream.send_multipart([*ident, *reply], copy=False)
+
+    complete_request = inspect_request = is_complete_request = relay_to_local
+    comm_info_request = history_request = relay_to_local
+
+    async def relay_comm(self, stream, ident, parent) -> None:
+        """Comm messages have no reply; the kernel may handle them mid-cell."""
+        frames, i = self._take_raw(parent)
+        try:
+            await self._ready()
+            self.local.forward_nowait(frames, i)
+        except LinkError as err:
+            self.log.warning("comm message dropped: %s", err)
+
+    comm_open = comm_msg = comm_close = relay_comm
+
+    def _fix_history(self, request: dict, frames: list) -> list:
+        """Give range results the session number the request asked for.
+
+        IPython answers a range request on the current session with session
+        0 in every entry; the protocol wants the session of each entry.
+        """
+        if request.get("hist_access_type") != "range" or self.local.session_number is None:
+            return frames
+        content = json.loads(_bytes(frames[5]))
+        asked = int(request.get("session", 0))
+        session = asked if asked > 0 else self.local.session_number + asked
+        history = content.get("history", [])
+        if not any(entry[0] == 0 for entry in history):
+            return frames
+        content["history"] = [[session if e[0] == 0 else e[0], *e[1:]] for e in history]
+        parts = [_bytes(f) for f in frames[2:5]]
+        parts.append(self.session.pack(content))
+        return [frames[0], self.session.sign(parts), *parts, *frames[6:]]
+
+    # -- execute -------------------------------------------------------------------
+
+    async def execute_request(self, stream, ident, parent) -> None:
+        frames, i = self._take_raw(parent)
+        content = parent["content"]
+        code = content.get("code", "")
+        silent = bool(content.get("silent", False))
+        store = bool(content.get("store_history", not silent))
+        self.relay.shell_idents = ident
+        started = time.perf_counter()
+        try:
+            reply = await self._execute(parent, frames, i, ident, code, silent, store)
+        except LinkError as err:
+            reply = await self._failed(parent, code, err, silent, store)
+        except Exception as exc:
+            self.log.exception("execute_request failed inside the router")
+            err = LinkError(f"internal error in the Link router: {exc!r}")
+            reply = await self._failed(parent, code, err, silent, store)
+        self.last_cell = {
+            "target": reply.metadata.get("link", {}).get("target", "local"),
+            "status": reply.status,
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+        if reply.frames is not None:
+            stream.send_multipart([*ident, *reply.frames], copy=False)
+        else:
+            self.session.send(
+                stream, "execute_reply", reply.content, parent, ident=ident, metadata=reply.metadata
+            )
+        if reply.status == "error" and content.get("stop_on_error", True) and not silent:
+            self._abort_queues()
+
+    async def _execute(self, parent, frames, i, ident, code, silent, store) -> Reply:
+        cell = routing.parse(code)
+        targets = routing.resolve(cell.route.targets or self.default, self.known_targets())
+        await self._ready()
+        died = await self.local.ensure_alive()
+        if died is not None:
+            raise died
+        if not cell.commands and targets == (routing.LOCAL,):
+            return await self._run_local(parent, frames, i, ident, cell)
+        count = self.execution_count + (0 if silent else 1)
+        if not silent:
+            self._publish_execute_input(code, parent, count)
+            self._echoed = parent["header"]["msg_id"]
+        for command in cell.commands:
+            await self.run_command(command, parent)
+        request = ExecuteRequest(
+            msg=parent,
+            frames=frames,
+            delim=i,
+            idents=ident,
+            route=cell.route,
+            code=cell.code,
+            execution_count=count,
+        )
+        if not cell.has_code:
+            if store and not silent:
+                await self.local.record(code)
+                self.execution_count = count
+            return Reply({"status": "ok", "execution_count": count, "user_expressions": {}})
+        if targets == (routing.LOCAL,):
+            self.relay.drop = frozenset({"execute_input"})
+            try:
+                return await self._run_local(parent, frames, i, ident, cell)
+            finally:
+                self.relay.drop = frozenset()
+        msg = f"remote targets are not available yet: {', '.join(targets)}"
+        raise LinkError(msg)
+
+    async def _run_local(self, parent, frames, i, ident, cell) -> Reply:
+        request = ExecuteRequest(
+            msg=parent,
+            frames=frames,
+            delim=i,
+            idents=ident,
+            route=cell.route,
+            code=cell.code,
+            execution_count=self.execution_count,
+        )
+        self._active = self.local
+        try:
+            reply = await self.local.execute(request)
+        except KernelDiedError:
+            self._active = None
+            raise
+        finally:
+            self._active = None
+        count = reply.content.get("execution_count")
+        if isinstance(count, int) and count > self.execution_count:
+            self.execution_count = count
+        reply.metadata = {"link": {"target": routing.LOCAL}}
+        return reply
+
+    async def _failed(self, parent, code: str, err: LinkError, silent: bool, store: bool) -> Reply:
+        """Report a Link error as the cell's error: input echo, error, reply."""
+        count = self.execution_count + (0 if silent else 1)
+        if not silent and self._echoed != parent["header"]["msg_id"]:
+            self._publish_execute_input(code, parent, count)
+        body = error_content(err)
+        self.session.send(self.iopub_socket, "error", body, parent, ident=self._topic("error"))
+        if store and not silent and self.local.alive:
+            try:
+                await self.local.record(code)
+                self.execution_count = count
+            except Exception:
+                self.log.exception("recording the failed cell in the history failed")
+        return Reply({"status": "error", "execution_count": count, **body})
+
+    # -- router commands ----------------------------------------------------------
+
+    def known_targets(self) -> list[str]:
+        return [routing.LOCAL, *self.remotes]
+
+    async def run_command(self, command: routing.Command, parent: dict) -> None:
+        handler = getattr(self, f"command_{command.name}")
+        await handler(parent, *command.args)
+
+    def display(self, parent: dict, text: str, markdown: str | None = None) -> None:
+        data = {"text/plain": text}
+        if markdown is not None:
+            data["text/markdown"] = markdown
+        self.session.send(
+            self.iopub_socket,
+            "display_data",
+            {"data": data, "metadata": {}, "transient": {}},
+            parent,
+            ident=self._topic("display_data"),
+        )
+
+    async def command_help(self, parent: dict) -> None:
+        self.display(parent, HELP.format(default="|".join(self.default)))
+
+    async def command_default(self, parent: dict, chain: str) -> None:
+        targets = routing.resolve(routing.parse_targets(chain), self.known_targets())
+        self.default = targets
+        self.display(parent, f"default target: {'|'.join(targets)}")
+
+    async def command_status(self, parent: dict) -> None:
+        rows = [("default", "|".join(self.default), "")]
+        local = self.local.status()
+        rows.append(("local", "running" if local["alive"] else "stopped", f"pid {local['pid']}"))
+        for name, backend in self.remotes.items():
+            info = backend.status()
+            rows.append((name, info.get("state", ""), info.get("detail", "")))
+        if self.last_cell:
+            last = self.last_cell
+            rows.append(("last cell", last["target"], f"{last['status']}, {last['seconds']} s"))
+        width = max(len(r[0]) for r in rows)
+        text = "\n".join(f"{a:<{width}}  {b}  {c}".rstrip() for a, b, c in rows)
+        table = ["| target | state | detail |", "|---|---|---|"]
+        table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        self.display(parent, text, "\n".join(table))
+
+    async def command_hosts(self, parent: dict) -> None:
+        names = self.known_targets()
+        self.display(parent, "known targets: " + ", ".join(names))
+
+    async def command_release(self, parent: dict, alias: str | None = None) -> None:
+        if alias is not None:
+            routing.resolve((alias,), self.known_targets())
+        self.display(parent, "no kept kernels to release")
+
+    async def command_sync(self, parent: dict, alias: str | None = None) -> None:
+        if alias is not None:
+            routing.resolve((alias,), self.known_targets())
+        self.display(parent, "no host to sync with")
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.bytes

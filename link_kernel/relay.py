@@ -1,0 +1,123 @@
+"""Relays a backend kernel's iopub, stdin and shell frames to the frontend.
+
+The frontend's request is sent to the kernel with its own header, so every
+message the kernel sends back already carries the frontend's parent header.
+The relay only has to:
+
+- route each message to the frontend's socket identity;
+- re-sign it when the kernel's HMAC key differs from the router's (remote
+  kernels get a key of their own, so a host never learns the key the frontend
+  trusts); a local kernel shares the router's key and its frames pass as is;
+- optionally rewrite a message's content (the execution count of a remote cell).
+
+Status and welcome messages never get here: :mod:`link_kernel.connection`
+consumes them, so the frontend sees only the router's own status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from jupyter_client.session import DELIM, Session
+
+from .connection import Frames, KernelConnection, _bytes
+
+log = logging.getLogger(__name__)
+
+#: Rewrites (msg_type, content) -> new content or None to keep it.
+ContentRewrite = Callable[[str, dict], dict | None]
+
+
+class Relay:
+    """The frontend-facing half of the router's sockets.
+
+    ``iopub`` is a socket-like object with ``send_multipart`` that is safe to
+    call on the router's event loop thread. ``stdin`` is the router's stdin
+    ROUTER socket's reader. ``shell_idents`` are the routing identities of the request
+    being served, used for stdin (frontends use one identity for both).
+    """
+
+    def __init__(self, session: Session, iopub: Any, stdin: Any) -> None:
+        self.session = session
+        self.iopub = iopub
+        self.stdin = stdin
+        self.shell_idents: list[bytes] = []
+        self.rewrite: ContentRewrite | None = None
+        #: Message types not to relay for the cell being served.
+        self.drop: frozenset[str] = frozenset()
+        self._stdin_kernel: KernelConnection | None = None
+
+    def _same_key(self, conn: KernelConnection) -> bool:
+        return conn.session.key == self.session.key and (
+            conn.session.signature_scheme == self.session.signature_scheme
+        )
+
+    def _resign(self, conn: KernelConnection, frames: Frames, i: int) -> list | None:
+        """Frames from DELIM on, signed with the router's key; None if forged."""
+        parts = [_bytes(f) for f in frames[i + 2 : i + 6]]
+        if conn.session.auth is not None:
+            expected = conn.session.sign(parts)
+            if not hmac.compare_digest(expected, _bytes(frames[i + 1])):
+                log.warning("dropped a message from %s with a bad signature", conn.name)
+                return None
+        if self.rewrite is not None:
+            msg_type = json.loads(parts[0])["msg_type"]
+            content = self.rewrite(msg_type, json.loads(parts[3]))
+            if content is not None:
+                parts[3] = self.session.pack(content)
+        return [DELIM, self.session.sign(parts), *parts, *frames[i + 6 :]]
+
+    def iopub_sink(self, conn: KernelConnection):
+        """The ``on_iopub`` callback that relays ``conn``'s outputs."""
+        if self._same_key(conn):
+
+            def relay_raw(frames: Frames, i: int, msg_type: str, _parent: str) -> None:
+                if msg_type not in self.drop:
+                    self.iopub.send_multipart(frames, copy=False)
+
+            return relay_raw
+
+        def relay_resigned(frames: Frames, i: int, msg_type: str, _parent: str) -> None:
+            if msg_type in self.drop:
+                return
+            out = self._resign(conn, frames, i)
+            if out is not None:
+                self.iopub.send_multipart([*frames[:i], *out], copy=False)
+
+        return relay_resigned
+
+    def reply_frames(self, conn: KernelConnection, frames: Frames) -> list | None:
+        """A kernel's reply (frames from DELIM on), ready for the frontend's idents."""
+        if self._same_key(conn) and self.rewrite is None:
+            return list(frames)
+        return self._resign(conn, frames, 0)
+
+    def on_stdin_request(self, conn: KernelConnection, frames: Frames, i: int) -> None:
+        """A kernel asks for input: pass the request to the frontend."""
+        out = frames[i:] if self._same_key(conn) else self._resign(conn, frames, i)
+        if out is None or not self.shell_idents:
+            return
+        self._stdin_kernel = conn
+        self.stdin.send([*self.shell_idents, *out])
+
+    def on_frontend_stdin(self, frames: Frames) -> None:
+        """The frontend answered: pass its input_reply to the kernel that asked."""
+        conn = self._stdin_kernel
+        if conn is None or conn.closed:
+            return
+        try:
+            i = [_bytes(f) for f in frames].index(DELIM)
+        except ValueError:
+            return
+        if self._same_key(conn):
+            conn.send_stdin(frames[i:])
+            return
+        parts = [_bytes(f) for f in frames[i + 2 : i + 6]]
+        if not hmac.compare_digest(self.session.sign(parts), _bytes(frames[i + 1])):
+            log.warning("dropped an input_reply with a bad signature")
+            return
+        conn.send_stdin([DELIM, conn.session.sign(parts), *parts, *frames[i + 6 :]])

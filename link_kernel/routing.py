@@ -1,0 +1,299 @@
+"""The routing grammar: which target a cell runs on, and how.
+
+Pure: no I/O, no state. The kernel calls :func:`parse` on every cell and
+:func:`resolve` with the targets it knows.
+
+A cell's first line may be a routing comment::
+
+    # link: gpu                          one target
+    # link: gpu|tesla|local              a fallback chain, first reachable wins
+    # link: gpu keep                     keep the host's kernel for the next cells
+    # link: gpu kernel=torch-2           a remote kernelspec
+    # link: gpu in=df,model out=model    name the variables instead of detecting them
+    # link: gpu files=off timeout=3600
+    # link: cluster gpus=1 cpus=8 mem=32G time=2:00:00 partition=gpu
+    # link: files=off                    options only: the notebook's default target
+
+Lines that start with ``%link`` are router commands (see :data:`COMMANDS`); they
+are taken out of the code (blanked, so line numbers keep matching the cell)
+and never reach a kernel.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from .errors import RoutingError, UnknownTargetError
+
+LOCAL = "local"
+
+_COMMENT = re.compile(r"[ \t]*#[ \t]*link[ \t]*:(?P<rest>.*)")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEM = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
+_TIME = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}")
+
+#: Router commands and how many arguments each takes (min, max).
+COMMANDS: dict[str, tuple[int, int]] = {
+    "status": (0, 0),
+    "hosts": (0, 0),
+    "default": (1, 1),
+    "release": (0, 1),
+    "sync": (0, 1),
+    "help": (0, 0),
+}
+
+#: Options of a routing comment. ``keep`` is a flag; the others are key=value.
+OPTIONS = (
+    "keep",
+    "kernel",
+    "in",
+    "out",
+    "files",
+    "timeout",
+    "gpus",
+    "cpus",
+    "mem",
+    "time",
+    "partition",
+)
+#: Options that ask a scheduler for resources; they travel as strings.
+RESOURCE_OPTIONS = ("gpus", "cpus", "mem", "time", "partition")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how one cell runs.
+
+    ``targets`` is empty when the cell named none: the notebook's default applies.
+    ``inputs``/``outputs`` are None when the names are to be detected from the code.
+    """
+
+    targets: tuple[str, ...] = ()
+    keep: bool = False
+    kernel: str | None = None
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+    files: bool = True
+    timeout: float | None = None
+    resources: tuple[tuple[str, str], ...] = ()
+    commented: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return self.targets == (LOCAL,)
+
+    def with_targets(self, targets: Iterable[str]) -> Route:
+        return replace(self, targets=tuple(targets))
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``%link NAME ARGS...`` line."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    lineno: int = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A cell split into its router commands, its route and the code a kernel runs."""
+
+    route: Route
+    code: str
+    commands: tuple[Command, ...] = field(default=())
+
+    @property
+    def has_code(self) -> bool:
+        return bool(self.code.strip())
+
+
+def parse(cell: str) -> Cell:
+    """Split ``cell`` into commands, route and code; raise RoutingError if malformed.
+
+    The returned code keeps every line of the cell (``%link`` lines become
+    empty lines), so tracebacks still point at the cell's own line numbers.
+    """
+    commands: list[Command] = []
+    code = cell
+    if "%link" in cell:
+        lines = cell.split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith("%link") and (len(line) == 5 or line[5] in " \t\r"):
+                commands.append(_parse_command(line, i + 1))
+                lines[i] = ""
+        if commands:
+            code = "\n".join(lines)
+    first = cell.split("\n", 1)[0]
+    match = _COMMENT.fullmatch(first.rstrip("\r"))
+    route = _parse_route(match.group("rest")) if match else Route()
+    return Cell(route=route, code=code, commands=tuple(commands))
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """Parse a chain such as ``gpu|tesla|local``."""
+    names = tuple(part.strip() for part in text.split("|"))
+    for name in names:
+        if not name:
+            msg = f"empty target in {text!r}: write targets as 'gpu|tesla|local'"
+            raise RoutingError(msg)
+        if not _NAME.fullmatch(name):
+            msg = f"bad target name {name!r}: use letters, digits, '_', '.', '-'"
+            raise RoutingError(msg)
+    if len(set(names)) != len(names):
+        msg = f"a target appears twice in {text!r}"
+        raise RoutingError(msg)
+    return names
+
+
+def resolve(targets: tuple[str, ...], known: Iterable[str]) -> tuple[str, ...]:
+    """Check every target of a chain against ``known``; return the chain.
+
+    The whole chain is checked before anything runs, so a typo late in the
+    chain is reported even when an earlier target would have been reachable.
+    """
+    known = list(dict.fromkeys([LOCAL, *known]))
+    for target in targets:
+        if target not in known:
+            raise UnknownTargetError(target, _ranked(target, known))
+    return targets
+
+
+def _ranked(name: str, known: list[str]) -> list[str]:
+    """Known names, the closest matches to ``name`` first, ``local`` last."""
+    close = difflib.get_close_matches(name, known, n=len(known), cutoff=0.6)
+    rest = sorted(k for k in known if k not in close and k != LOCAL)
+    ordered = [k for k in close if k != LOCAL] + rest
+    return [*ordered, LOCAL]
+
+
+def _parse_route(rest: str) -> Route:
+    text = _strip_trailing_comment(rest).strip()
+    if not text:
+        msg = "empty routing comment: name a target, as in '# link: gpu' or '# link: local'"
+        raise RoutingError(msg)
+    tokens = text.split()
+    targets: tuple[str, ...] = ()
+    if "=" not in tokens[0]:
+        if tokens[0] == "keep":
+            msg = "'keep' needs a target before it, as in '# link: gpu keep'"
+            raise RoutingError(msg)
+        targets = parse_targets(tokens[0])
+        tokens = tokens[1:]
+    values: dict[str, object] = {"targets": targets, "commented": True}
+    resources: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if key not in OPTIONS:
+            msg = f"unknown option {key!r}; valid: {', '.join(sorted(OPTIONS))}"
+            raise RoutingError(msg)
+        if key in seen:
+            msg = f"option {key!r} given twice"
+            raise RoutingError(msg)
+        seen.add(key)
+        if key == "keep":
+            if eq:
+                msg = "'keep' is a flag: write '# link: gpu keep'"
+                raise RoutingError(msg)
+            values["keep"] = True
+            continue
+        if not eq:
+            msg = f"option {key!r} needs a value: {key}=VALUE"
+            raise RoutingError(msg)
+        if key in RESOURCE_OPTIONS:
+            resources.append((key, _resource(key, value)))
+        else:
+            values[_FIELD.get(key, key)] = _PARSERS[key](value)
+    return Route(resources=tuple(resources), **values)  # type: ignore[arg-type]
+
+
+def _strip_trailing_comment(text: str) -> str:
+    index = text.find("#")
+    return text if index < 0 else text[:index]
+
+
+def _names(key: str):
+    def parse_names(value: str) -> tuple[str, ...]:
+        names = tuple(n for n in value.split(",") if n)
+        for name in names:
+            if not _IDENT.fullmatch(name):
+                msg = f"bad name {name!r} in {key}=: give Python names separated by commas"
+                raise RoutingError(msg)
+        return names
+
+    return parse_names
+
+
+def _files(value: str) -> bool:
+    if value in ("on", "off"):
+        return value == "on"
+    msg = f"files={value!r}: use files=on or files=off"
+    raise RoutingError(msg)
+
+
+def _timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        msg = f"timeout={value!r}: give a positive number of seconds"
+        raise RoutingError(msg)
+    return seconds
+
+
+def _kernel(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        msg = f"kernel={value!r}: give a kernelspec name such as kernel=python3"
+        raise RoutingError(msg)
+    return value
+
+
+def _resource(key: str, value: str) -> str:
+    ok = {
+        "gpus": lambda v: v.isdigit(),
+        "cpus": lambda v: v.isdigit() and int(v) > 0,
+        "mem": lambda v: _MEM.fullmatch(v) is not None,
+        "time": lambda v: _TIME.fullmatch(v) is not None,
+        "partition": lambda v: _NAME.fullmatch(v) is not None,
+    }[key](value)
+    if not ok:
+        examples = {"gpus": "1", "cpus": "8", "mem": "32G", "time": "2:00:00", "partition": "gpu"}
+        msg = f"{key}={value!r}: expected a value such as {key}={examples[key]}"
+        raise RoutingError(msg)
+    return value
+
+
+_FIELD = {"in": "inputs", "out": "outputs"}
+_PARSERS = {
+    "kernel": _kernel,
+    "in": _names("in"),
+    "out": _names("out"),
+    "files": _files,
+    "timeout": _timeout,
+}
+
+
+def _parse_command(line: str, lineno: int) -> Command:
+    words = line.split()
+    if len(words) == 1:
+        return Command("help", (), lineno)
+    name, args = words[1], tuple(words[2:])
+    if name not in COMMANDS:
+        msg = f"unknown command '%link {name}'; valid: {', '.join(sorted(COMMANDS))}"
+        raise RoutingError(msg)
+    low, high = COMMANDS[name]
+    if not low <= len(args) <= high:
+        usage = {
+            "default": "%link default TARGET",
+            "release": "%link release [ALIAS]",
+            "sync": "%link sync [ALIAS]",
+        }.get(name, f"%link {name}")
+        msg = f"wrong arguments to '%link {name}': usage is '{usage}'"
+        raise RoutingError(msg)
+    return Command(name, args, lineno)
