@@ -40,7 +40,7 @@ from . import __version__, routing
 from .backends import Backend, ExecuteRequest, Reply
 from .backends.local import LocalBackend
 from .connection import delim_index, header_of
-from .errors import KernelDiedError, LinkError
+from .errors import LinkError
 from .relay import Relay
 
 log = logging.getLogger(__name__)
@@ -426,9 +426,6 @@ class LinkKernel(Kernel):
         self._active = self.local
         try:
             reply = await self.local.execute(request)
-        except KernelDiedError:
-            self._active = None
-            raise
         finally:
             self._active = None
         count = reply.content.get("execution_count")

@@ -53,7 +53,7 @@ def install(
     with tempfile.TemporaryDirectory() as tmp:
         source = write_kernel_spec(Path(tmp) / name, display_name)
         return KernelSpecManager().install_kernel_spec(
-            str(source), name, user=user, prefix=prefix, replace=True
+            str(source), name, user=user, prefix=prefix
         )
 
 

@@ -22,6 +22,7 @@ and never reach a kernel.
 from __future__ import annotations
 
 import difflib
+import keyword
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -32,8 +33,8 @@ LOCAL = "local"
 
 _COMMENT = re.compile(r"[ \t]*#[ \t]*link[ \t]*:(?P<rest>.*)")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*")
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MEM = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
+_COUNT = re.compile(r"[0-9]+")
+_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")
 _TIME = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}")
 
 #: Router commands and how many arguments each takes (min, max).
@@ -120,18 +121,27 @@ def parse(cell: str) -> Cell:
     """
     commands: list[Command] = []
     code = cell
+    # Lines end where IPython's transformers end them (str.splitlines), and each
+    # keeps its own line ending, so blanking changes nothing but the command text.
+    lines = cell.splitlines(keepends=True)
     if "%link" in cell:
-        lines = cell.split("\n")
         for i, line in enumerate(lines):
-            if line.startswith("%link") and (len(line) == 5 or line[5] in " \t\r"):
-                commands.append(_parse_command(line, i + 1))
-                lines[i] = ""
+            text = _body(line)
+            if text.startswith("%link") and (len(text) == 5 or text[5].isspace()):
+                commands.append(_parse_command(text, i + 1))
+                lines[i] = line[len(text) :]
         if commands:
-            code = "\n".join(lines)
-    first = cell.split("\n", 1)[0]
-    match = _COMMENT.fullmatch(first.rstrip("\r"))
+            code = "".join(lines)
+    first = _body(lines[0]) if lines else ""
+    match = _COMMENT.fullmatch(first)
     route = _parse_route(match.group("rest")) if match else Route()
     return Cell(route=route, code=code, commands=tuple(commands))
+
+
+def _body(line: str) -> str:
+    """``line`` without its line ending."""
+    parts = line.splitlines()
+    return parts[0] if parts else ""
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -142,10 +152,14 @@ def parse_targets(text: str) -> tuple[str, ...]:
             msg = f"empty target in {text!r}: write targets as 'gpu|tesla|local'"
             raise RoutingError(msg)
         if not _NAME.fullmatch(name):
-            msg = f"bad target name {name!r}: use letters, digits, '_', '.', '-'"
+            msg = (
+                f"bad target name {name!r}: start with a letter, digit or '_', "
+                "then use letters, digits, '_', '.', '-', '@', '+'"
+            )
             raise RoutingError(msg)
-    if len(set(names)) != len(names):
-        msg = f"a target appears twice in {text!r}"
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        msg = f"target {twice[0]!r} appears twice in {text!r}: name each target once"
         raise RoutingError(msg)
     return names
 
@@ -165,10 +179,15 @@ def resolve(targets: tuple[str, ...], known: Iterable[str]) -> tuple[str, ...]:
 
 def _ranked(name: str, known: list[str]) -> list[str]:
     """Known names, the closest matches to ``name`` first, ``local`` last."""
-    close = difflib.get_close_matches(name, known, n=len(known), cutoff=0.6)
-    rest = sorted(k for k in known if k not in close and k != LOCAL)
-    ordered = [k for k in close if k != LOCAL] + rest
-    return [*ordered, LOCAL]
+    scores = {k: _similarity(name, k) for k in known if k != LOCAL}
+    close = sorted((k for k in scores if scores[k] >= 0.6), key=lambda k: (-scores[k], k))
+    rest = sorted(k for k in scores if scores[k] < 0.6)
+    return [*close, *rest, LOCAL]
+
+
+def _similarity(a: str, b: str) -> float:
+    """How alike two names are, ignoring case (0 to 1, as difflib measures it)."""
+    return difflib.SequenceMatcher(None, a.casefold(), b.casefold()).ratio()
 
 
 def _parse_route(rest: str) -> Route:
@@ -176,7 +195,8 @@ def _parse_route(rest: str) -> Route:
     if not text:
         msg = "empty routing comment: name a target, as in '# link: gpu' or '# link: local'"
         raise RoutingError(msg)
-    tokens = text.split()
+    # 'gpu | tesla' is the chain 'gpu|tesla'.
+    tokens = re.sub(r"\s*\|\s*", "|", text).split()
     targets: tuple[str, ...] = ()
     if "=" not in tokens[0]:
         if tokens[0] == "keep":
@@ -191,6 +211,11 @@ def _parse_route(rest: str) -> Route:
         key, eq, value = token.partition("=")
         if key not in OPTIONS:
             msg = f"unknown option {key!r}; valid: {', '.join(sorted(OPTIONS))}"
+            close = difflib.get_close_matches(key, OPTIONS, n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+            elif not eq and targets:
+                msg += f" (a fallback chain is written '{targets[-1]}|{key}')"
             raise RoutingError(msg)
         if key in seen:
             msg = f"option {key!r} given twice"
@@ -209,6 +234,9 @@ def _parse_route(rest: str) -> Route:
             resources.append((key, _resource(key, value)))
         else:
             values[_FIELD.get(key, key)] = _PARSERS[key](value)
+    if values.get("keep") and not targets:
+        msg = "'keep' needs a target before it, as in '# link: gpu keep'"
+        raise RoutingError(msg)
     return Route(resources=tuple(resources), **values)  # type: ignore[arg-type]
 
 
@@ -219,10 +247,14 @@ def _strip_trailing_comment(text: str) -> str:
 
 def _names(key: str):
     def parse_names(value: str) -> tuple[str, ...]:
-        names = tuple(n for n in value.split(",") if n)
+        """``a,b`` -> ("a", "b"); an empty value is the empty list (no variables)."""
+        names = tuple(value.split(",")) if value else ()
         for name in names:
-            if not _IDENT.fullmatch(name):
-                msg = f"bad name {name!r} in {key}=: give Python names separated by commas"
+            if not name.isidentifier() or keyword.iskeyword(name):
+                msg = f"bad name {name!r} in {key}={value}: give Python names separated by commas"
+                raise RoutingError(msg)
+            if names.count(name) > 1:
+                msg = f"name {name!r} appears twice in {key}={value}: name each variable once"
                 raise RoutingError(msg)
         return names
 
@@ -256,8 +288,8 @@ def _kernel(value: str) -> str:
 
 def _resource(key: str, value: str) -> str:
     ok = {
-        "gpus": lambda v: v.isdigit(),
-        "cpus": lambda v: v.isdigit() and int(v) > 0,
+        "gpus": lambda v: _COUNT.fullmatch(v) is not None,
+        "cpus": lambda v: _COUNT.fullmatch(v) is not None and int(v) > 0,
         "mem": lambda v: _MEM.fullmatch(v) is not None,
         "time": lambda v: _TIME.fullmatch(v) is not None,
         "partition": lambda v: _NAME.fullmatch(v) is not None,
@@ -288,12 +320,21 @@ def _parse_command(line: str, lineno: int) -> Command:
         msg = f"unknown command '%link {name}'; valid: {', '.join(sorted(COMMANDS))}"
         raise RoutingError(msg)
     low, high = COMMANDS[name]
+    usage = _USAGE.get(name, f"%link {name}")
     if not low <= len(args) <= high:
-        usage = {
-            "default": "%link default TARGET",
-            "release": "%link release [ALIAS]",
-            "sync": "%link sync [ALIAS]",
-        }.get(name, f"%link {name}")
         msg = f"wrong arguments to '%link {name}': usage is '{usage}'"
         raise RoutingError(msg)
+    # Check the names now, so a malformed line runs none of the cell's commands.
+    if name == "default":
+        parse_targets(args[0])
+    elif args and not _NAME.fullmatch(args[0]):
+        msg = f"bad alias {args[0]!r} in '%link {name}': usage is '{usage}'"
+        raise RoutingError(msg)
     return Command(name, args, lineno)
+
+
+_USAGE = {
+    "default": "%link default TARGET",
+    "release": "%link release [ALIAS]",
+    "sync": "%link sync [ALIAS]",
+}

@@ -109,6 +109,7 @@ class LocalBackend(Backend):
         self._watch: asyncio.Task | None = None
         self._running: Pending | None = None
         self.died: KernelDiedError | None = None
+        self.death_reported = False
         self.generation = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -145,6 +146,7 @@ class LocalBackend(Backend):
         conn.open()
         self.conn = conn
         self.died = None
+        self.death_reported = False
         self._watch = asyncio.create_task(self._watch_process(km, conn))
         reply = await conn.wait_ready(self.start_timeout)
         self.kernel_info = reply["content"]
@@ -198,10 +200,14 @@ class LocalBackend(Backend):
         return self.conn is not None and not self.conn.closed
 
     async def ensure_alive(self) -> KernelDiedError | None:
-        """Restart the kernel if it died; return the error that reports the death."""
+        """Restart the kernel if it died.
+
+        Returns the error that reports the death if no cell has reported it
+        yet (the kernel died between cells), else None.
+        """
         if self.alive:
             return None
-        died = self.died
+        died = None if self.death_reported else self.died
         await self.shutdown(restart=True)
         await self.start()
         return died
@@ -214,6 +220,9 @@ class LocalBackend(Backend):
         self._running = pending
         try:
             frames = await pending.done()
+        except KernelDiedError:
+            self.death_reported = True
+            raise
         finally:
             self._running = None
         return Reply(content=json.loads(_content(frames)), frames=frames)
