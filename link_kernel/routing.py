@@ -110,7 +110,11 @@ class Cell:
 
     @property
     def has_code(self) -> bool:
-        return bool(self.code.strip())
+        """Whether anything but the routing comment and blank lines is left to run."""
+        lines = self.code.splitlines()
+        if self.route.commented:
+            lines = lines[1:]
+        return any(line.strip() for line in lines)
 
 
 def parse(cell: str) -> Cell:
