@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -38,9 +39,12 @@ from traitlets import Float, Unicode
 
 from . import __version__, routing
 from .backends import Backend, ExecuteRequest, Reply
+from . import hosts as hosts_module
 from .backends.local import LocalBackend
+from .backends.remote import RemoteBackend
 from .connection import delim_index, header_of
-from .errors import LinkError
+from .errors import ConnectionLostError, HostUnreachableError, LinkError
+from .hosts import HostConfig
 from .relay import Relay
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,12 @@ class LinkKernel(Kernel):
     local_start_timeout = Float(
         60.0, help="Seconds to wait for the local kernel to start."
     ).tag(config=True)
+    remote_start_timeout = Float(
+        60.0, help="Seconds to wait for a remote kernel to start."
+    ).tag(config=True)
+    reach_timeout = Float(
+        5.0, help="Seconds to wait for a host to answer before it counts as unreachable."
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -125,7 +135,7 @@ class LinkKernel(Kernel):
             runtime_dir=self.runtime_dir,
             start_timeout=self.local_start_timeout,
         )
-        self.remotes: dict[str, Backend] = {}
+        self.remotes: dict[str, RemoteBackend] = {}
         self._raw: dict[str, tuple[list, int]] = {}
         self._active: Backend | None = None
         self._echoed = ""
@@ -404,14 +414,81 @@ class LinkKernel(Kernel):
                 await self.local.record(code)
                 self.execution_count = count
             return Reply({"status": "ok", "execution_count": count, "user_expressions": {}})
-        if targets == (routing.LOCAL,):
+        backend = await self._choose(targets, parent)
+        if backend is self.local:
             self.relay.drop = frozenset({"execute_input"})
             try:
                 return await self._run_local(parent, frames, i, ident, cell)
             finally:
                 self.relay.drop = frozenset()
-        msg = f"remote targets are not available yet: {', '.join(targets)}"
-        raise LinkError(msg)
+        return await self._run_remote(backend, request, silent, store)
+
+    async def _choose(self, targets: tuple[str, ...], parent: dict) -> Backend:
+        """The first target of the chain that is reachable; say so if not the first."""
+        skipped: list[str] = []
+        for position, target in enumerate(targets):
+            backend = self.backend(target)
+            last = position == len(targets) - 1
+            if backend is not self.local:
+                try:
+                    await backend.reach()
+                except (HostUnreachableError, ConnectionLostError) as err:
+                    if last:
+                        raise
+                    skipped.append(f"{target}: {err.message}")
+                    continue
+            if skipped:
+                note = f"[link] ran on {target}: " + "; ".join(skipped) + "\n"
+                self.session.send(
+                    self.iopub_socket,
+                    "stream",
+                    {"name": "stderr", "text": note},
+                    parent,
+                    ident=self._topic("stream"),
+                )
+            return backend
+        raise AssertionError("resolve() returns at least one target")
+
+    async def _run_remote(self, backend: Backend, request: ExecuteRequest, silent: bool, store: bool):
+        """Run a cell on a remote backend; the local kernel records it meanwhile."""
+        record = None
+        if store and not silent:
+            record = asyncio.ensure_future(self.local.record(request.content["code"]))
+        self._active = backend
+        self.relay.drop = frozenset({"execute_input"})
+        try:
+            reply = await backend.execute(request)
+        finally:
+            self._active = None
+            self.relay.drop = frozenset()
+            if record is not None:
+                await record
+                self.execution_count = request.execution_count
+        reply.content["execution_count"] = request.execution_count
+        reply.metadata = {**reply.metadata, "link": {"target": backend.name, **backend.last}}
+        return reply
+
+    def backend(self, target: str) -> Backend:
+        """The backend of a known target, created on first use."""
+        if target == routing.LOCAL:
+            return self.local
+        backend = self.remotes.get(target)
+        if backend is None:
+            host = self.hosts()[target]
+            backend = RemoteBackend(
+                host,
+                local_dir=os.getcwd(),
+                context=self.shell_stream.socket.context,
+                relay=self.relay,
+                start_timeout=self.remote_start_timeout,
+                reach_timeout=self.reach_timeout,
+            )
+            self.remotes[target] = backend
+        return backend
+
+    def hosts(self) -> dict[str, HostConfig]:
+        """Known hosts, read afresh so 'link-kernel hosts add' needs no restart."""
+        return hosts_module.load()
 
     async def _run_local(self, parent, frames, i, ident, cell) -> Reply:
         request = ExecuteRequest(
@@ -452,7 +529,7 @@ class LinkKernel(Kernel):
     # -- router commands ----------------------------------------------------------
 
     def known_targets(self) -> list[str]:
-        return [routing.LOCAL, *self.remotes]
+        return [routing.LOCAL, *sorted(self.hosts())]
 
     async def run_command(self, command: routing.Command, parent: dict) -> None:
         handler = getattr(self, f"command_{command.name}")
@@ -495,13 +572,24 @@ class LinkKernel(Kernel):
         self.display(parent, text, "\n".join(table))
 
     async def command_hosts(self, parent: dict) -> None:
-        names = self.known_targets()
-        self.display(parent, "known targets: " + ", ".join(names))
+        rows = [("local", "the notebook's own kernel", "built-in")]
+        rows += [(h.alias, h.summary(), h.source) for h in sorted(self.hosts().values(), key=lambda h: h.alias)]
+        width = max(len(r[0]) for r in rows)
+        text = "\n".join(f"{a:<{width}}  {b}  ({c})" for a, b, c in rows)
+        table = ["| host | how | from |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        self.display(parent, text, "\n".join(table))
 
     async def command_release(self, parent: dict, alias: str | None = None) -> None:
         if alias is not None:
             routing.resolve((alias,), self.known_targets())
-        self.display(parent, "no kept kernels to release")
+        names = [alias] if alias is not None else list(self.remotes)
+        released = []
+        for name in names:
+            backend = self.remotes.get(name)
+            if isinstance(backend, RemoteBackend) and await backend.release():
+                released.append(name)
+        text = f"released: {', '.join(released)}" if released else "no kept kernels to release"
+        self.display(parent, text)
 
     async def command_sync(self, parent: dict, alias: str | None = None) -> None:
         if alias is not None:

@@ -1,0 +1,349 @@
+"""Remote backends: a fresh kernel on a host for each cell.
+
+One :class:`RemoteBackend` per host alias. For a cell it:
+
+1. reaches the host (one connection per host, reused across cells);
+2. starts a kernel through :class:`~link_kernel.provisioner.LinkProvisioner`
+   (or takes the one a ``keep`` cell left running);
+3. sends the frontend's execute_request, with its own header, so outputs are
+   relayed to the frontend as they happen, re-signed with the router's key;
+   the request's metadata tells the kernel's agent the cell's execution count;
+4. releases the kernel, escalating shutdown request, SIGTERM, SIGKILL, and
+   waits until the host reports the kernel's process group gone, before the
+   router sends the execute_reply.
+
+A kept kernel stays until ``%link release``, its idle timeout, or shutdown.
+While any kernel of the host lives, the backend sends its supervisor a
+keepalive every second; without them the host kills the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ..connection import KernelConnection
+from ..errors import (
+    HostUnreachableError,
+    KernelDiedError,
+    KernelStartError,
+    LinkError,
+    TransportError,
+)
+from ..hosts import HostConfig
+from ..provisioner import LinkProvisioner, python_spec
+from ..relay import Relay
+from ..transports import Transport
+from ..transports.factory import make_transport
+from . import Backend, ExecuteRequest, Reply
+from .local import exit_description
+
+log = logging.getLogger(__name__)
+
+
+class ShutdownStep(enum.Enum):
+    """Which step of the escalating shutdown ended a kernel."""
+
+    REQUEST = "shutdown_request"
+    TERM = "SIGTERM"
+    KILL = "SIGKILL"
+    DROPPED = "supervisor dropped"
+    DIED = "died on its own"
+
+
+@dataclass
+class RemoteKernel:
+    """One started kernel on a host."""
+
+    provisioner: LinkProvisioner
+    conn: KernelConnection
+    pid: int
+    kernel_name: str = ""
+    started_at: float = field(default_factory=time.monotonic)
+    cells: int = 0
+
+    @property
+    def supervisor(self):
+        return self.provisioner.supervisor
+
+    @property
+    def alive(self) -> bool:
+        return self.provisioner.has_process
+
+
+class RemoteBackend(Backend):
+    """Runs cells in fresh kernels on one host."""
+
+    def __init__(
+        self,
+        host: HostConfig,
+        *,
+        local_dir: str,
+        context: zmq.Context,
+        relay: Relay,
+        start_timeout: float = 60.0,
+        reach_timeout: float = 5.0,
+        shutdown_wait: float = 2.0,
+    ) -> None:
+        self.host = host
+        self.name = host.alias
+        self.local_dir = local_dir
+        self.context = context
+        self.relay = relay
+        self.start_timeout = start_timeout
+        self.reach_timeout = reach_timeout
+        self.shutdown_wait = shutdown_wait
+        self.transport: Transport | None = None
+        self.kept: RemoteKernel | None = None
+        self.running: RemoteKernel | None = None
+        self.last: dict[str, Any] = {}
+        self._keepalive: asyncio.Task | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._connect_lock = asyncio.Lock()
+        self._pythons: dict[str, str] = {}
+
+    # -- reaching the host ------------------------------------------------------------
+
+    def _transport(self) -> Transport:
+        if self.transport is None:
+            self.transport = make_transport(self.host, self.local_dir)
+        return self.transport
+
+    async def reach(self, timeout: float | None = None) -> None:
+        """Connect to the host; raise HostUnreachableError within ``timeout``."""
+        transport = self._transport()
+        if transport.connected:
+            return
+        timeout = self.reach_timeout if timeout is None else timeout
+        async with self._connect_lock:
+            try:
+                await asyncio.wait_for(transport.connect(), timeout)
+            except asyncio.TimeoutError:
+                msg = f"{self.name} did not answer within {timeout:g} s"
+                raise HostUnreachableError(self.name, msg) from None
+
+    async def start(self) -> None:
+        await self.reach()
+
+    # -- kernels ----------------------------------------------------------------------
+
+    async def _python(self, kernel_name: str) -> str:
+        """The host python for a kernelspec name ("" = the host's own python)."""
+        if not kernel_name:
+            return self.host.python
+        python = self._pythons.get(kernel_name)
+        if python is None:
+            transport = self._transport()
+            python = await transport.kernel_python(kernel_name, self.host.python or None)
+            self._pythons[kernel_name] = python
+        return python
+
+    async def start_kernel(
+        self, timings: dict[str, float] | None = None, kernel_name: str = ""
+    ) -> RemoteKernel:
+        """Start a fresh kernel on the host and connect to it."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        await self.reach()
+        timings["connect"] = time.perf_counter() - t0
+        kernel_name = kernel_name or self.host.kernel
+        provisioner = LinkProvisioner(
+            kernel_id=uuid.uuid4().hex,
+            kernel_spec=python_spec(),
+            host=self.name,
+            transport=self._transport(),
+            python=await self._python(kernel_name),
+            start_timeout=self.start_timeout,
+        )
+        t1 = time.perf_counter()
+        try:
+            kwargs = await provisioner.pre_launch()
+            info = await provisioner.launch_kernel(kwargs.pop("cmd"), **kwargs)
+        except LinkError:
+            await provisioner.cleanup()
+            raise
+        except (OSError, EOFError) as exc:
+            await provisioner.cleanup()
+            msg = f"the kernel on {self.name} did not start: {exc}"
+            raise KernelStartError(msg) from exc
+        timings["start"] = time.perf_counter() - t1
+        conn = KernelConnection(info, context=self.context, name=self.name)
+        conn.open()
+        supervisor = provisioner.supervisor
+        kernel = RemoteKernel(
+            provisioner, conn, pid=int(supervisor.ready.result()["pid"]), kernel_name=kernel_name
+        )
+        supervisor.exited.add_done_callback(lambda fut, k=kernel: self._on_exit(k, fut))
+        self._ensure_keepalive()
+        t2 = time.perf_counter()
+        try:
+            await conn.wait_ready(self.start_timeout)
+        except BaseException:
+            await self._release(kernel)
+            raise
+        timings["ready"] = time.perf_counter() - t2
+        return kernel
+
+    def _on_exit(self, kernel: RemoteKernel, fut: asyncio.Future) -> None:
+        result = fut.result() if not fut.cancelled() else {}
+        status = result.get("status")
+        if result.get("lost"):
+            desc = "the connection to it was lost"
+        else:
+            desc = exit_description(status)
+        kernel.conn.close(KernelDiedError(f"the kernel on {self.name} died ({desc})"))
+        if self.kept is kernel:
+            self.kept = None
+
+    def _ensure_keepalive(self) -> None:
+        if self._keepalive is None or self._keepalive.done():
+            self._keepalive = asyncio.ensure_future(self._send_keepalives())
+
+    async def _send_keepalives(self) -> None:
+        while True:
+            kernels = [k for k in (self.running, self.kept) if k is not None and k.alive]
+            if not kernels:
+                return
+            for kernel in kernels:
+                kernel.supervisor.keepalive()
+            await asyncio.sleep(1.0)
+
+    async def _release(self, kernel: RemoteKernel) -> ShutdownStep:
+        """Escalate until the host reports the kernel's process group gone."""
+        supervisor = kernel.supervisor
+        step = ShutdownStep.DIED
+        if not supervisor.done:
+            step = ShutdownStep.REQUEST
+            try:
+                kernel.conn.send("shutdown_request", {"restart": False}, channel="control")
+            except LinkError:
+                pass
+            for next_step, command in (
+                (ShutdownStep.TERM, "TERM"),
+                (ShutdownStep.KILL, "KILL"),
+                (ShutdownStep.DROPPED, None),
+            ):
+                try:
+                    await asyncio.wait_for(asyncio.shield(supervisor.exited), self.shutdown_wait)
+                    break
+                except asyncio.TimeoutError:
+                    step = next_step
+                    if command is not None:
+                        supervisor.signal(command)
+                    else:
+                        await supervisor.close()
+        kernel.conn.close()
+        await kernel.provisioner.cleanup()
+        self.last["shutdown"] = step.value
+        return step
+
+    # -- cells ------------------------------------------------------------------------
+
+    async def execute(self, request: ExecuteRequest) -> Reply:
+        timings: dict[str, float] = {}
+        self.last = {}
+        kernel, self.kept = self.kept, None
+        keep = request.route.keep or kernel is not None
+        self._cancel_idle()
+        wanted = request.route.kernel or self.host.kernel
+        if kernel is not None and kernel.kernel_name != wanted:
+            await self._release(kernel)
+            kernel = None
+        if kernel is None or not kernel.alive:
+            kernel = await self.start_kernel(timings, wanted)
+        self.running = kernel
+        conn = kernel.conn
+        conn.on_iopub = self.relay.iopub_sink(conn)
+        conn.on_stdin = self.relay.on_stdin_request
+        metadata = {**request.msg.get("metadata", {}), "link": {"count": request.execution_count}}
+        t0 = time.perf_counter()
+        try:
+            pending = conn.send(
+                "execute_request",
+                request.content,
+                header=request.msg["header"],
+                parent=request.msg.get("parent_header") or None,
+                metadata=metadata,
+                internal=False,
+            )
+            frames = await pending.done()
+            timings["run"] = time.perf_counter() - t0
+            try:
+                reply = conn.unpack(frames)
+            except ValueError as exc:
+                msg = f"the kernel on {self.name} sent a reply that does not verify: {exc}"
+                raise KernelDiedError(msg) from exc
+        finally:
+            self.running = None
+            kernel.cells += 1
+            if keep and kernel.alive:
+                self.kept = kernel
+                self._schedule_idle()
+            else:
+                t1 = time.perf_counter()
+                await self._release(kernel)
+                timings["release"] = time.perf_counter() - t1
+            self.last["timings"] = {k: round(v, 4) for k, v in timings.items()}
+        return Reply(content=reply["content"], metadata=reply.get("metadata") or {})
+
+    async def interrupt(self) -> None:
+        kernel = self.running
+        if kernel is not None and kernel.alive:
+            kernel.supervisor.signal("INT")
+
+    async def release(self) -> bool:
+        """End the kept kernel, if any; True if there was one."""
+        self._cancel_idle()
+        kernel, self.kept = self.kept, None
+        if kernel is None:
+            return False
+        await self._release(kernel)
+        return True
+
+    def _schedule_idle(self) -> None:
+        self._cancel_idle()
+        if self.host.idle_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._idle = loop.call_later(
+                self.host.idle_timeout, lambda: asyncio.ensure_future(self.release())
+            )
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    async def shutdown(self, *, restart: bool = False) -> None:
+        for kernel in (self.running, self.kept):
+            if kernel is not None:
+                await self._release(kernel)
+        self.running = self.kept = None
+        self._cancel_idle()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if self.transport is not None:
+            await self.transport.close()
+            self.transport = None
+
+    def status(self) -> dict[str, Any]:
+        if self.kept is not None and self.kept.alive:
+            state = f"kept kernel pid {self.kept.pid}"
+        elif self.transport is not None and self.transport.connected:
+            state = "connected"
+        else:
+            state = "not connected"
+        detail = self.host.summary()
+        if self.last.get("timings"):
+            parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.last["timings"].items())
+            detail += f"; last cell: {parts}"
+        return {"target": self.name, "state": state, "detail": detail}
+
+
+__all__ = ["RemoteBackend", "RemoteKernel", "ShutdownStep", "TransportError"]

@@ -1,0 +1,236 @@
+"""The supervisor that starts one ipykernel on a host and guarantees its end.
+
+This file is self-contained and runs on the host (Python >= 3.8, with only
+ipykernel and dill installed): a transport runs it as
+
+    exec PYTHON -c SOURCE CONNECTION_FILE AGENT_FILE DEAD_AFTER [IPYKERNEL_ARGS...]
+
+in a pty (ssh) or as a child process (process transport). The supervisor forks
+the kernel into a process group of its own and then:
+
+- reports on its stdout, one ``LINK <WORD> <json>`` line each: ``HELLO`` (pid,
+  versions, missing modules), ``READY`` (the ports the kernel bound, read
+  back from its connection file), ``EXIT`` (how the kernel ended);
+- reads its stdin: an empty line is a keepalive, ``INT``/``TERM``/``KILL``
+  signal the kernel. On end of file, or no line for DEAD_AFTER seconds (the
+  router died or the network vanished), it kills the kernel's process group;
+- when the kernel exits, kills what is left of its process group, reports
+  ``EXIT`` and exits, so the transport sees the exit only once every process
+  of the kernel is gone.
+
+The kernel's own stdin is /dev/null: nothing it or the user's subprocesses
+read can steal the supervisor's keepalives.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+def report(fd, word, payload):
+    os.write(fd, ("LINK %s %s\n" % (word, json.dumps(payload))).encode())
+
+
+def killpg(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def become_subreaper():
+    """Adopt orphaned descendants (Linux), so none outlives the kernel unreaped."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def my_children():
+    me = str(os.getpid())
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        out.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def reap_all(pgid, timeout):
+    """Kill the kernel's group and every adopted descendant; reap them all."""
+    killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in my_children():
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.002)
+
+
+def check_modules():
+    import importlib.util
+
+    found, missing = {}, []
+    for name in ("ipykernel", "dill"):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            missing.append(name)
+        else:
+            found[name] = spec.origin or ""
+    return found, missing
+
+
+def run_kernel(conn_file, agent_file, kernel_args):
+    """In the forked child: become the kernel."""
+    os.setpgid(0, 0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    import types
+
+    with open(agent_file) as f:
+        source = f.read()
+    agent = types.ModuleType("__link_agent__")
+    agent.__file__ = agent_file
+    exec(compile(source, agent_file, "exec"), agent.__dict__)
+    sys.modules["__link_agent__"] = agent
+    if sys.path and sys.path[0] in ("", "-c"):
+        del sys.path[0]
+    from ipykernel.kernelapp import IPKernelApp
+
+    argv = [
+        "-f",
+        conn_file,
+        "--IPKernelApp.exec_lines=['__import__(\"__link_agent__\").install(get_ipython())']",
+    ]
+    IPKernelApp.launch_instance(argv=argv + list(kernel_args))
+
+
+def announce_ports(fd, conn_file, pid, stop):
+    """Report READY once the kernel has written the ports it bound."""
+    while not stop.is_set():
+        try:
+            with open(conn_file) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            info = {}
+        ports = dict((k, v) for k, v in info.items() if k.endswith("_port"))
+        if ports and all(ports.values()):
+            report(fd, "READY", {"pid": pid, "ports": ports})
+            return
+        stop.wait(0.005)
+
+
+def watch_router(fd, pgid, dead_after, stop):
+    """Kill the kernel when the router stops talking."""
+    import select
+
+    buf = b""
+    while not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], dead_after)
+        if not ready:
+            killpg(pgid, signal.SIGKILL)
+            return
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            killpg(pgid, signal.SIGKILL)
+            return
+        buf += data.replace(b"\r", b"\n")
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            sig = SIGNALS.get(line.strip().decode("ascii", "replace"))
+            if sig == signal.SIGINT:
+                os.kill(pgid, sig)  # the kernel only, as a frontend's interrupt does
+            elif sig is not None:
+                killpg(pgid, sig)
+
+
+def main(argv):
+    conn_file, agent_file, dead_after = argv[0], argv[1], float(argv[2])
+    kernel_args = argv[3:]
+    out = os.dup(1)
+    control = os.dup(0)
+    try:
+        import termios
+        import tty
+
+        if os.isatty(control):
+            tty.setraw(control)
+    except (ImportError, OSError):
+        pass
+    found, missing = check_modules()
+    report(
+        out,
+        "HELLO",
+        {
+            "pid": os.getpid(),
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "executable": sys.executable,
+            "modules": found,
+            "missing": missing,
+        },
+    )
+    if missing:
+        report(out, "EXIT", {"status": 3, "reason": "missing " + ", ".join(missing)})
+        return 3
+    become_subreaper()
+    pid = os.fork()
+    if pid == 0:
+        os.close(out)
+        os.close(control)
+        try:
+            run_kernel(conn_file, agent_file, kernel_args)
+        finally:
+            os._exit(1)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: killpg(pid, signal.SIGKILL))
+    stop = threading.Event()
+    threading.Thread(target=announce_ports, args=(out, conn_file, pid, stop), daemon=True).start()
+    threading.Thread(target=watch_router, args=(control, pid, dead_after, stop), daemon=True).start()
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    stop.set()
+    reap_all(pid, 5.0)
+    code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+    report(out, "EXIT", {"status": code})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,185 @@
+"""The host registry: where remote cells can run.
+
+A host is an alias with settings. Aliases come from three places, the later
+winning: the built-in ``process`` host (this machine, a fresh kernel process
+per cell), every ``Host`` of ``~/.ssh/config`` (default settings), and the
+registry file that ``link-kernel hosts add`` writes, a human-editable TOML
+file under the Jupyter config directory::
+
+    # ~/.jupyter/link/hosts.toml
+    [hosts.gpu]
+    transport = "ssh"
+    hostname = "gpu.example.org"
+    user = "ada"
+    port = 22
+    identity = "~/.ssh/id_ed25519"
+    python = "/opt/conda/bin/python"
+    workdir = "~/link-work/project"
+
+Loading is pure: :func:`load` reads files, it connects to nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import HostConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROCESS = "process"
+TRANSPORTS = ("ssh", "process")
+_ALIAS = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*")
+
+
+@dataclass
+class HostConfig:
+    """One host's settings. Empty strings mean "the default"."""
+
+    alias: str
+    transport: str = "ssh"
+    hostname: str = ""
+    port: int = 0
+    user: str = ""
+    identity: str = ""
+    python: str = ""
+    workdir: str = ""
+    kernel: str = ""
+    ssh_config: str = ""
+    known_hosts: str = ""
+    standby: bool = True
+    idle_timeout: float = 600.0
+    source: str = field(default="registry", compare=False)
+
+    def __post_init__(self) -> None:
+        if not _ALIAS.fullmatch(self.alias) or self.alias == "local":
+            msg = f"bad host alias {self.alias!r}: use letters, digits, '_', '.', '-' (not 'local')"
+            raise HostConfigError(msg)
+        if self.transport not in TRANSPORTS:
+            msg = f"host {self.alias!r}: transport {self.transport!r} is not one of {TRANSPORTS}"
+            raise HostConfigError(msg)
+
+    def to_toml(self) -> str:
+        lines = [f"[hosts.{_toml_key(self.alias)}]"]
+        defaults = HostConfig(alias=self.alias)
+        for f in fields(self):
+            if f.name in ("alias", "source"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "transport" or value != getattr(defaults, f.name):
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        if self.transport == PROCESS:
+            return f"process on this machine, workdir {self.workdir or '(default)'}"
+        target = f"{self.user + '@' if self.user else ''}{self.hostname or self.alias}"
+        if self.port:
+            target += f":{self.port}"
+        return f"ssh {target}, python {self.python or '(found on the host)'}"
+
+
+def default_workdir(alias: str, local_dir: str) -> str:
+    """The host-side work directory for a notebook folder, when none is configured."""
+    local = Path(local_dir).resolve()
+    digest = hashlib.sha256(str(local).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", local.name) or "root"
+    if alias == PROCESS:
+        base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+        return str(base / "link-kernel" / "process" / f"{name}-{digest}")
+    return f".cache/link-kernel/work/{name}-{digest}"
+
+
+def registry_path() -> Path:
+    from jupyter_core.paths import jupyter_config_dir
+
+    return Path(jupyter_config_dir()) / "link" / "hosts.toml"
+
+
+def load_registry(path: Path | None = None) -> dict[str, HostConfig]:
+    path = path or registry_path()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        msg = f"cannot read the host registry {path}: {exc}"
+        raise HostConfigError(msg) from exc
+    hosts: dict[str, HostConfig] = {}
+    known = {f.name for f in fields(HostConfig)} - {"alias", "source"}
+    for alias, values in (data.get("hosts") or {}).items():
+        unknown = set(values) - known
+        if unknown:
+            msg = f"{path}: host {alias!r} has unknown settings {sorted(unknown)}; valid: {sorted(known)}"
+            raise HostConfigError(msg)
+        try:
+            hosts[alias] = HostConfig(alias=alias, source=str(path), **values)
+        except TypeError as exc:
+            raise HostConfigError(f"{path}: host {alias!r}: {exc}") from exc
+    return hosts
+
+
+def save_registry(hosts: dict[str, HostConfig], path: Path | None = None) -> Path:
+    path = path or registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "\n\n".join(h.to_toml() for h in sorted(hosts.values(), key=lambda h: h.alias))
+    header = (
+        "# Link (hybrid) hosts. Edit freely; 'link-kernel hosts add/remove' rewrite this file.\n"
+        "# Settings: transport, hostname, port, user, identity, python, workdir, kernel,\n"
+        "# ssh_config, known_hosts, standby, idle_timeout.\n\n"
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(header + body + "\n")
+    tmp.replace(path)
+    return path
+
+
+def ssh_config_aliases(path: Path | None = None) -> list[str]:
+    """The concrete ``Host`` names of an ssh config (no patterns)."""
+    path = path or Path("~/.ssh/config").expanduser()
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    names: list[str] = []
+    for line in text.splitlines():
+        words = line.strip().split()
+        if len(words) >= 2 and words[0].lower() == "host":
+            names += [w for w in words[1:] if not any(c in w for c in "*?!") and _ALIAS.fullmatch(w)]
+    return names
+
+
+def load(registry: Path | None = None, ssh_config: Path | None = None) -> dict[str, HostConfig]:
+    """Every known host: built-in ``process``, ssh config hosts, then the registry."""
+    hosts = {PROCESS: HostConfig(alias=PROCESS, transport="process", source="built-in")}
+    for alias in ssh_config_aliases(ssh_config):
+        if alias != "local":
+            hosts[alias] = HostConfig(alias=alias, transport="ssh", source="ssh config")
+    hosts.update(load_registry(registry))
+    return hosts
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def as_dict(host: HostConfig) -> dict[str, Any]:
+    return asdict(host)

@@ -1,0 +1,1 @@
+"""Moving a remote cell's inputs and outputs: variables and files."""

@@ -1,0 +1,866 @@
+"""Which module-level names a cell reads, binds and deletes.
+
+Pure: no I/O, no state. The variable sync calls :func:`analyze` on a remote
+cell's code; it sends the ``reads`` that exist in the local namespace, runs the
+cell, then brings back the ``binds`` and deletes the ``deletes`` locally.
+
+The cell runs at module level of an IPython kernel. It is first transformed
+with IPython's own input transformers (magics, ``!cmd``, ``x?``), then parsed;
+code that is not Python even then raises :class:`SyntaxError`. Lines that start
+with ``%link`` are router commands and are ignored.
+
+Reads are conservative. A name is a read when the cell may load it while it
+still holds the value it had before the cell: anywhere in the cell where the
+name refers to the module scope (top level, function and lambda bodies,
+comprehensions, class bodies, decorators, defaults, annotations, f-strings,
+match value patterns, ``global`` names), unless the cell has bound (or deleted)
+it at top level on every path before that point. Top-level flow is followed
+through ``if``/``for``/``while``/``try``/``with``/``match``: a name bound in
+both arms of an ``if`` is bound after it, a name bound in a loop body is not
+bound after the loop. The body of a function sees what was bound before its
+``def``. An extra read only costs a transfer (builtins and unknown names are
+dropped by the caller); a missing one would fail the remote cell with
+NameError. So:
+
+- ``x += 1``, ``x.attr = v``, ``x[i] = v``, ``del x.attr`` read ``x``;
+- ``del x`` reads ``x`` too: the remote ``del`` needs the name to exist;
+- ``get_ipython``, which the transformers write into the code, is not a read
+  unless the cell itself names it.
+
+Binds are the names whose value after the cell must be fetched from the
+remote namespace: every name the cell may bind at module level (assignment,
+augmented and annotated assignment with a value, ``def``, ``class``, imports,
+``for``/``with``/walrus targets, match captures, ``x = !cmd``), names a
+function or class of the cell declares ``global`` and binds or deletes, and
+names the cell may delete (``del`` inside a block). A name in ``binds`` may be
+absent from the remote namespace afterwards: if the cell read it (it was
+sent), the cell deleted it; if not, the branch that binds it did not run and
+the local value stands.
+
+Deletes are the names the cell leaves deleted for certain: deleted by a
+top-level ``del`` with no later binding or block-level deletion of the name.
+A name is never in both ``binds`` and ``deletes``.
+
+``except E as e`` binds ``e`` only while the handler runs (Python deletes it
+at the end of the handler), so it is in neither set by itself.
+
+``from m import *`` binds names no parser can know: ``star_import`` is True and
+the caller should compare namespaces instead.
+
+Magics are strings after the transformation. As a best effort:
+
+- ``%time``, ``%%time``, ``%prun``, ``%%prun`` and ``%%capture`` run their code
+  in the user namespace: it is parsed and analyzed in place of the magic
+  (``%%capture out`` also binds ``out``);
+- ``%timeit`` and ``%%timeit`` run their code in a function of their own: its
+  loads count as reads, its bindings are not (``-v name`` binds ``name``);
+- ``x?``/``x??`` read ``x``;
+- ``$name`` and ``{expression}`` in shell commands and in the arguments of
+  other magics, which IPython expands from the user namespace, are reads.
+
+Limits: other magics are opaque (``%run`` and ``%store -r`` bind names that are
+not seen; cell magics such as ``%%bash`` have no Python body); options of
+``%time``/``%timeit``/``%prun`` are recognised only before the code; names
+reached dynamically (``globals()``, ``eval``, ``exec``, ``vars()``) are not
+seen; annotations count as reads even where Python does not evaluate them;
+a pre-existing variable named like an ``except ... as`` target is not
+reported deleted though Python deletes it when the handler runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from IPython.core.inputtransformer2 import TransformerManager
+
+
+@dataclass(frozen=True)
+class Names:
+    """The module-level names a cell reads, binds and deletes (see the module docstring)."""
+
+    #: Names whose value the cell may take from the namespace as it was before the cell.
+    reads: frozenset[str]
+    #: Names the cell may leave bound (or may leave deleted) at module level.
+    binds: frozenset[str]
+    #: Names the cell leaves deleted at module level for certain.
+    deletes: frozenset[str]
+    #: True when the cell runs ``from m import *``: it binds names not in ``binds``.
+    star_import: bool = False
+
+
+def analyze(code: str) -> Names:
+    """Return the names ``code`` reads, binds and deletes at module level.
+
+    ``code`` is an IPython cell as the frontend sent it. Raises SyntaxError if
+    it is not valid Python after IPython's transformations.
+    """
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    code = _drop_router_commands(code)
+    tree = _Parser(TransformerManager()).parse(code)
+    names = _Analyzer().module(tree.body)
+    if _IPYTHON_NAME in names.reads and not re.search(r"\bget_ipython\b", code):
+        names = Names(
+            names.reads - {_IPYTHON_NAME}, names.binds, names.deletes, names.star_import
+        )
+    return names
+
+
+# -- Router commands ------------------------------------------------------------------
+
+
+def _drop_router_commands(cell: str) -> str:
+    """``cell`` with its ``%link`` lines emptied (as :func:`routing.parse` does)."""
+    if "%link" not in cell:
+        return cell
+    lines = cell.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        parts = line.splitlines()
+        text = parts[0] if parts else ""
+        if text.startswith("%link") and (len(text) == 5 or text[5].isspace()):
+            lines[i] = line[len(text) :]
+    return "".join(lines)
+
+
+# -- Parsing, with magics replaced by the code they run ------------------------------
+
+_IPYTHON_NAME = "get_ipython"
+
+#: Options of the code-running magics, as getopt specs (IPython's own).
+_TIMEIT_OPTIONS = "n:r:tcp:qov:"
+_PRUN_OPTIONS = "D:l:rs:T:q"
+_TIME_FLAGS = ("--no-raise-error",)
+_CAPTURE_FLAGS = ("--no-stderr", "--no-stdout", "--no-display")
+_PINFO = ("pinfo", "pinfo2")
+_TOKEN = re.compile(r"\s*(\S+)")
+_DOTTED = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z_][A-Za-z0-9_]*)*\s*$")
+_DOLLAR = re.compile(r"(?<!\$)\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class _Isolated(ast.stmt):
+    """Code that runs in a function scope of its own (``%timeit``): reads only."""
+
+    _fields = ("body",)
+
+
+class _Parser:
+    """Transforms and parses cells, and replaces magic calls by the code they run."""
+
+    def __init__(self, transformer: TransformerManager) -> None:
+        self._transformer = transformer
+
+    def parse(self, cell: str) -> ast.Module:
+        """Parse one cell; raise SyntaxError if it is not Python after transformation."""
+        with warnings.catch_warnings():
+            # SyntaxWarnings (invalid escapes, `is` with a literal) are the kernel's to show.
+            warnings.simplefilter("ignore")
+            source = self._transformer.transform_cell(cell)
+            tree = ast.parse(source, "<cell>", "exec")
+        tree.body = self._splice(tree.body)
+        return tree
+
+    def _code(self, text: str) -> list[ast.stmt]:
+        """Statements of a magic's code, or none if it does not parse."""
+        try:
+            return self.parse(_drop_router_commands(text)).body
+        except (SyntaxError, ValueError):
+            return []
+
+    def _splice(self, body: list[ast.stmt]) -> list[ast.stmt]:
+        """``body`` with the code of each magic inserted before the magic's statement."""
+        out: list[ast.stmt] = []
+        for stmt in body:
+            for field in ("body", "orelse", "finalbody"):
+                block = getattr(stmt, field, None)
+                if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                    setattr(stmt, field, self._splice(block))
+            for part in (*getattr(stmt, "handlers", ()), *getattr(stmt, "cases", ())):
+                part.body = self._splice(part.body)
+            call = _magic_call(stmt)
+            if call is not None:
+                out.extend(self._expand(*call))
+            out.append(stmt)
+        return out
+
+    def _expand(self, kind: str, args: list[str]) -> list[ast.stmt]:
+        """The statements a magic call runs in the user namespace, as far as known."""
+        if kind == "run_line_magic" and len(args) == 2:
+            return self._line_magic(args[0], args[1])
+        if kind == "run_cell_magic" and len(args) == 3:
+            return self._cell_magic(args[0], args[1], args[2])
+        if kind in ("system", "getoutput") and args:
+            return _expansions(args[0])
+        return []
+
+    def _line_magic(self, name: str, line: str) -> list[ast.stmt]:
+        if name == "time":
+            return self._code(_strip_flags(line, _TIME_FLAGS))
+        if name == "prun":
+            parsed = _strip_options(line, _PRUN_OPTIONS)
+            return self._code(parsed[1]) if parsed else []
+        if name == "timeit":
+            parsed = _strip_options(line, _TIMEIT_OPTIONS)
+            return self._timeit(*parsed, "") if parsed else []
+        if name in _PINFO:
+            match = _DOTTED.match(line)
+            return [_load(match.group(1))] if match else []
+        return _expansions(line)
+
+    def _cell_magic(self, name: str, line: str, cell: str) -> list[ast.stmt]:
+        if name == "time":
+            return self._code(cell)
+        if name == "prun":
+            parsed = _strip_options(line, _PRUN_OPTIONS)
+            return self._code(parsed[1] + "\n" + cell) if parsed else []
+        if name == "timeit":
+            parsed = _strip_options(line, _TIMEIT_OPTIONS)
+            return self._timeit(*parsed, cell) if parsed else []
+        if name == "capture":
+            rest = _strip_flags(line, _CAPTURE_FLAGS).split()
+            stmts = self._code(cell)
+            if rest and rest[0].isidentifier():
+                stmts.append(_bind(rest[0]))
+            return stmts
+        return _expansions(line)
+
+    def _timeit(self, options: dict[str, str], setup: str, cell: str) -> list[ast.stmt]:
+        stmts: list[ast.stmt] = [_Isolated(body=self._code(setup) + self._code(cell))]
+        saved = options.get("v", "")
+        if saved.isidentifier():
+            stmts.append(_bind(saved))
+        return stmts
+
+
+def _magic_call(stmt: ast.stmt) -> tuple[str, list[str]] | None:
+    """(method, string arguments) if ``stmt`` is a ``get_ipython().method(...)`` line."""
+    if not isinstance(stmt, (ast.Expr, ast.Assign)):
+        return None
+    call = stmt.value
+    if not (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and isinstance(call.func.value, ast.Call)
+        and isinstance(call.func.value.func, ast.Name)
+        and call.func.value.func.id == _IPYTHON_NAME
+    ):
+        return None
+    args = [a.value for a in call.args if isinstance(a, ast.Constant)]
+    if len(args) != len(call.args) or not all(isinstance(a, str) for a in args):
+        return None
+    return call.func.attr, args
+
+
+def _strip_flags(line: str, flags: Iterable[str]) -> str:
+    """``line`` without the leading tokens that are one of ``flags``."""
+    pos = 0
+    while (match := _TOKEN.match(line, pos)) and match.group(1) in flags:
+        pos = match.end()
+    return line[pos:].lstrip()
+
+
+def _strip_options(line: str, spec: str) -> tuple[dict[str, str], str] | None:
+    """Split ``line`` into getopt-style leading options and the rest; None if invalid."""
+    options: dict[str, str] = {}
+    pos = 0
+    while (match := _TOKEN.match(line, pos)) and match.group(1).startswith("-"):
+        token = match.group(1)
+        pos = match.end()
+        if token == "--":
+            break
+        if token.startswith("--") or token == "-":
+            return None
+        for i, letter in enumerate(token[1:], start=1):
+            at = spec.find(letter)
+            if letter == ":" or at < 0:
+                return None
+            if spec[at + 1 : at + 2] != ":":
+                options[letter] = ""
+                continue
+            value = token[i + 1 :]
+            if not value:
+                following = _TOKEN.match(line, pos)
+                if following is None:
+                    return None
+                value, pos = following.group(1), following.end()
+            options[letter] = value
+            break
+    return options, line[pos:].lstrip()
+
+
+def _expansions(text: str) -> list[ast.stmt]:
+    """Loads of what IPython expands in ``text``: ``$name`` and ``{expression}``."""
+    stmts: list[ast.stmt] = [_load(name) for name in _DOLLAR.findall(text)]
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field]
+    except ValueError:
+        fields = []
+    for field in fields:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expression = ast.parse(field.strip(), mode="eval").body
+        except (SyntaxError, ValueError):
+            continue
+        stmts.append(ast.Expr(expression))
+    return stmts
+
+
+def _load(name: str) -> ast.stmt:
+    return ast.Expr(ast.Name(name, ast.Load()))
+
+
+def _bind(name: str) -> ast.stmt:
+    return ast.Assign([ast.Name(name, ast.Store())], ast.Constant(None))
+
+
+# -- Scopes -----------------------------------------------------------------------------
+
+_ScopeKind = Literal["module", "function", "class", "comprehension"]
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """A namespace of the cell; ``bound`` are its local names (all bound names for a class)."""
+
+    kind: _ScopeKind
+    parent: _Scope | None = None
+    bound: frozenset[str] = frozenset()
+    globals: frozenset[str] = frozenset()
+    nonlocals: frozenset[str] = frozenset()
+
+    def refers_to_module(self, name: str) -> bool:
+        """Whether a load of ``name`` in this scope reaches the module namespace."""
+        scope: _Scope | None = self
+        own = True
+        while scope is not None and scope.kind != "module":
+            if scope.kind == "class":
+                # Only a class's own body sees its names; inner scopes skip it.
+                if own and (name in scope.globals or name in scope.bound):
+                    return True
+                if own and name in scope.nonlocals:
+                    return False
+            else:
+                if name in scope.globals:
+                    return True
+                if name in scope.nonlocals or name in scope.bound:
+                    return False
+            own = False
+            scope = scope.parent
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Ctx:
+    """Where code runs.
+
+    ``before`` are the module names the cell had bound or deleted, on every path,
+    before this code can run: their value from before the cell is gone. ``depth``
+    counts the blocks around a statement in its module or class body.
+    """
+
+    scope: _Scope
+    before: frozenset[str] = frozenset()
+    depth: int = 0
+
+    def deeper(self) -> _Ctx:
+        return _Ctx(self.scope, self.before, self.depth + 1)
+
+
+def _collect(nodes: Iterable[ast.AST]) -> tuple[set[str], set[str], set[str]]:
+    """Names bound, declared global and declared nonlocal in one scope's code.
+
+    Does not enter nested scopes, except for what they evaluate in this one
+    (decorators, defaults, a comprehension's walrus targets).
+    """
+    bound: set[str] = set()
+    declared_global: set[str] = set()
+    declared_nonlocal: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _FUNCTIONS):
+            bound.add(node.name)
+            stack.extend(node.decorator_list)
+            stack.extend(_signature_exprs(node.args, node.returns))
+        elif isinstance(node, ast.ClassDef):
+            bound.add(node.name)
+            stack.extend([*node.decorator_list, *node.bases, *node.keywords])
+        elif isinstance(node, ast.Lambda):
+            stack.extend(_defaults(node.args))
+        elif isinstance(node, _COMPREHENSIONS):
+            # Targets are the comprehension's own; walrus targets are ours.
+            for generator in node.generators:
+                stack.extend([generator.iter, *generator.ifs])
+            stack.extend(_comprehension_results(node))
+        elif isinstance(node, _Isolated):
+            pass
+        elif type(node).__name__ == "TypeAlias":  # Python 3.12+: its value is lazy
+            bound.add(node.name.id)  # type: ignore[attr-defined]
+        elif isinstance(node, ast.Global):
+            declared_global.update(node.names)
+        elif isinstance(node, ast.Nonlocal):
+            declared_nonlocal.update(node.names)
+        elif isinstance(node, ast.Name):
+            if not isinstance(node.ctx, ast.Load):
+                bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update(_import_name(alias) for alias in node.names if alias.name != "*")
+        else:
+            name = getattr(node, "rest" if isinstance(node, ast.MatchMapping) else "name", None)
+            if isinstance(name, str):  # ExceptHandler, MatchAs, MatchStar, MatchMapping
+                bound.add(name)
+            stack.extend(ast.iter_child_nodes(node))
+    return bound, declared_global, declared_nonlocal
+
+
+def _function_scope(args: ast.arguments, body: list[ast.AST], parent: _Scope) -> _Scope:
+    bound, declared_global, declared_nonlocal = _collect(body)
+    params = {a.arg for a in _all_args(args)}
+    return _Scope(
+        "function",
+        parent,
+        frozenset((bound | params) - declared_global - declared_nonlocal),
+        frozenset(declared_global),
+        frozenset(declared_nonlocal),
+    )
+
+
+def _all_args(args: ast.arguments) -> list[ast.arg]:
+    extra = [a for a in (args.vararg, args.kwarg) if a is not None]
+    return [*args.posonlyargs, *args.args, *args.kwonlyargs, *extra]
+
+
+def _defaults(args: ast.arguments) -> list[ast.expr]:
+    return [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
+
+
+def _annotations(args: ast.arguments, returns: ast.expr | None) -> list[ast.expr]:
+    found = [a.annotation for a in _all_args(args) if a.annotation is not None]
+    return found + ([returns] if returns is not None else [])
+
+
+def _signature_exprs(args: ast.arguments, returns: ast.expr | None) -> list[ast.expr]:
+    return _defaults(args) + _annotations(args, returns)
+
+
+def _comprehension_results(node: ast.expr) -> list[ast.expr]:
+    if isinstance(node, ast.DictComp):
+        return [node.key, node.value]
+    return [node.elt]  # type: ignore[attr-defined]
+
+
+def _import_name(alias: ast.alias) -> str:
+    """The name an import binds: ``import a.b`` binds ``a``."""
+    return alias.asname or alias.name.split(".")[0]
+
+
+def _target_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+
+
+# -- The analysis -----------------------------------------------------------------------
+
+#: A flow state: in a module body, names bound or deleted on every path so far;
+#: in a class body, names that are in the class namespace on every path so far.
+_Flow = set[str]
+_Outcome = tuple[_Flow, bool]
+
+
+class _Analyzer:
+    """One walk over one cell's statements, in execution order."""
+
+    def __init__(self) -> None:
+        self._reads: set[str] = set()
+        #: Last module-level event per name: "bind" (may be bound or deleted) or "delete".
+        self._final: dict[str, str] = {}
+        #: Module names bound or deleted by functions and classes (whenever they run).
+        self._nested: set[str] = set()
+        self._star_import = False
+
+    def module(self, body: list[ast.stmt]) -> Names:
+        self._stmts(body, _Ctx(_Scope("module")), set())
+        binds = {n for n, event in self._final.items() if event == "bind"} | self._nested
+        deletes = {n for n, event in self._final.items() if event == "delete"} - binds
+        return Names(frozenset(self._reads), frozenset(binds), frozenset(deletes), self._star_import)
+
+    # Names --------------------------------------------------------------------------
+
+    def _load(self, name: str, ctx: _Ctx, flow: _Flow) -> None:
+        scope = ctx.scope
+        if scope.kind == "module":
+            if name not in flow:
+                self._reads.add(name)
+        elif scope.kind == "class" and name in flow:
+            return
+        elif scope.refers_to_module(name) and name not in ctx.before:
+            self._reads.add(name)
+
+    def _store(self, name: str, ctx: _Ctx, flow: _Flow) -> None:
+        scope = ctx.scope
+        if scope.kind == "module":
+            self._final[name] = "bind"
+            flow.add(name)
+        elif name in scope.globals:
+            self._nested.add(name)
+        elif scope.kind == "class":
+            flow.add(name)
+
+    def _delete(self, name: str, ctx: _Ctx, flow: _Flow) -> None:
+        scope = ctx.scope
+        if scope.kind == "module":
+            self._load(name, ctx, flow)  # `del x` fails if x does not exist
+            self._final[name] = "delete" if ctx.depth == 0 else "bind"
+            flow.add(name)
+        elif name in scope.globals:
+            self._load(name, ctx, flow)
+            self._nested.add(name)
+        elif scope.kind == "class":
+            flow.discard(name)
+
+    def _walrus(self, name: str, ctx: _Ctx, flow: _Flow, acc: set[str] | None) -> None:
+        """``name := ...``: binds in the nearest scope that is not a comprehension."""
+        scope = ctx.scope
+        while scope.kind == "comprehension" and scope.parent is not None:
+            scope = scope.parent
+            acc = None  # a comprehension may run no iteration
+        if scope.kind == "module":
+            self._final[name] = "bind"
+        elif name in scope.globals:
+            self._nested.add(name)
+        if acc is not None and scope.kind in ("module", "class"):
+            acc.add(name)
+
+    def _nested_ctx(self, scope: _Scope, ctx: _Ctx, flow: _Flow) -> _Ctx:
+        before = frozenset(flow) if ctx.scope.kind == "module" else ctx.before
+        return _Ctx(scope, before)
+
+    # Expressions --------------------------------------------------------------------
+
+    def _expr(self, node: ast.AST | None, ctx: _Ctx, flow: _Flow) -> set[str]:
+        """Visit an expression; return the names its walrus operators bind for certain."""
+        acc: set[str] = set()
+        if node is not None:
+            self._visit([(node, ctx, flow, acc)])
+        return acc
+
+    def _visit(self, stack: list[tuple[ast.AST, _Ctx, _Flow, set[str] | None]]) -> None:
+        # Iterative, so that long chains such as a + b + c + ... need no deep recursion.
+        # ``acc`` is None where evaluation is conditional (walrus binds may not happen).
+        while stack:
+            node, ctx, flow, acc = stack.pop()
+            if isinstance(node, ast.Name):
+                if isinstance(node.ctx, ast.Load):
+                    self._load(node.id, ctx, flow)
+                elif isinstance(node.ctx, ast.Del):
+                    self._delete(node.id, ctx, flow)
+                else:
+                    self._store(node.id, ctx, flow)
+            elif isinstance(node, ast.NamedExpr):
+                stack.append((node.value, ctx, flow, acc))
+                if isinstance(node.target, ast.Name):
+                    self._walrus(node.target.id, ctx, flow, acc)
+            elif isinstance(node, ast.Lambda):
+                stack.extend((d, ctx, flow, acc) for d in _defaults(node.args))
+                scope = _function_scope(node.args, [node.body], ctx.scope)
+                stack.append((node.body, self._nested_ctx(scope, ctx, flow), set(), None))
+            elif isinstance(node, _COMPREHENSIONS):
+                first, *others = node.generators
+                stack.append((first.iter, ctx, flow, acc))
+                bound = set().union(*(_target_names(g.target) for g in node.generators))
+                scope = _Scope("comprehension", ctx.scope, frozenset(bound))
+                inner = self._nested_ctx(scope, ctx, flow)
+                parts = [first.target, *first.ifs, *_comprehension_results(node)]
+                for generator in others:
+                    parts.extend([generator.target, generator.iter, *generator.ifs])
+                stack.extend((part, inner, set(), None) for part in parts)
+            elif isinstance(node, ast.BoolOp):
+                first, *others = node.values
+                stack.append((first, ctx, flow, acc))
+                stack.extend((value, ctx, flow, None) for value in others)
+            elif isinstance(node, ast.IfExp):
+                stack.append((node.test, ctx, flow, acc))
+                stack.extend((branch, ctx, flow, None) for branch in (node.body, node.orelse))
+            elif isinstance(node, ast.Compare):
+                first, *others = node.comparators
+                stack.extend([(node.left, ctx, flow, acc), (first, ctx, flow, acc)])
+                stack.extend((value, ctx, flow, None) for value in others)
+            else:
+                stack.extend((child, ctx, flow, acc) for child in ast.iter_child_nodes(node))
+
+    def _target(self, node: ast.AST, ctx: _Ctx, flow: _Flow) -> None:
+        """Bind an assignment target; its attribute and subscript bases are loads."""
+        if isinstance(node, ast.Name):
+            self._store(node.id, ctx, flow)
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for element in node.elts:
+                self._target(element, ctx, flow)
+        elif isinstance(node, ast.Starred):
+            self._target(node.value, ctx, flow)
+        else:
+            self._expr(node, ctx, flow)
+
+    def _target_bases(self, node: ast.AST, ctx: _Ctx, flow: _Flow) -> None:
+        """Load what a target reads without binding it (``a.b: int``, ``x.y += 1``)."""
+        if isinstance(node, ast.Attribute):
+            self._expr(node.value, ctx, flow)
+        elif isinstance(node, ast.Subscript):
+            self._expr(node.value, ctx, flow)
+            self._expr(node.slice, ctx, flow)
+
+    def _pattern(self, node: ast.pattern, ctx: _Ctx, flow: _Flow) -> None:
+        if isinstance(node, ast.MatchValue):
+            self._expr(node.value, ctx, flow)
+            return
+        if isinstance(node, ast.MatchClass):
+            self._expr(node.cls, ctx, flow)
+        elif isinstance(node, ast.MatchMapping):
+            for key in node.keys:
+                self._expr(key, ctx, flow)
+            if node.rest:
+                self._store(node.rest, ctx, flow)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            self._store(node.name, ctx, flow)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.pattern):
+                self._pattern(child, ctx, flow)
+
+    # Statements ---------------------------------------------------------------------
+
+    def _stmts(self, body: list[ast.stmt], ctx: _Ctx, flow: _Flow) -> bool:
+        """Visit a block in order, updating ``flow``; return whether its end is reachable."""
+        reachable = True
+        for stmt in body:
+            reachable = self._stmt(stmt, ctx, flow) and reachable
+        return reachable
+
+    def _branch(self, body: list[ast.stmt], ctx: _Ctx, flow: _Flow) -> _Outcome:
+        branch = set(flow)
+        return branch, self._stmts(body, ctx.deeper(), branch)
+
+    @staticmethod
+    def _join(flow: _Flow, outcomes: list[_Outcome]) -> bool:
+        """Set ``flow`` to what holds after every reachable outcome; return if any is."""
+        live = [branch for branch, reachable in outcomes if reachable]
+        if not live:
+            return False
+        joined = set.intersection(*live)
+        flow.clear()
+        flow.update(joined)
+        return True
+
+    def _stmt(self, node: ast.stmt, ctx: _Ctx, flow: _Flow) -> bool:
+        handler: Callable[[ast.stmt, _Ctx, _Flow], bool] | None = getattr(
+            self, "_stmt_" + type(node).__name__, None
+        )
+        if handler is not None:
+            return handler(node, ctx, flow)
+        for child in ast.iter_child_nodes(node):  # a statement of a newer Python
+            if isinstance(child, ast.stmt):
+                self._stmt(child, ctx.deeper(), set(flow))
+            else:
+                self._expr(child, ctx, flow)
+        return True
+
+    def _stmt_Expr(self, node: ast.Expr, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.value, ctx, flow)
+        return True
+
+    def _stmt_Assign(self, node: ast.Assign, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.value, ctx, flow)
+        for target in node.targets:
+            self._target(target, ctx, flow)
+        return True
+
+    def _stmt_AugAssign(self, node: ast.AugAssign, ctx: _Ctx, flow: _Flow) -> bool:
+        if isinstance(node.target, ast.Name):
+            self._load(node.target.id, ctx, flow)
+        else:
+            self._target_bases(node.target, ctx, flow)
+        flow |= self._expr(node.value, ctx, flow)
+        if isinstance(node.target, ast.Name):
+            self._store(node.target.id, ctx, flow)
+        return True
+
+    def _stmt_AnnAssign(self, node: ast.AnnAssign, ctx: _Ctx, flow: _Flow) -> bool:
+        self._expr(node.annotation, ctx, flow)
+        if node.value is None:
+            self._target_bases(node.target, ctx, flow)
+            return True
+        flow |= self._expr(node.value, ctx, flow)
+        self._target(node.target, ctx, flow)
+        return True
+
+    def _stmt_Delete(self, node: ast.Delete, ctx: _Ctx, flow: _Flow) -> bool:
+        for target in node.targets:
+            self._expr(target, ctx, flow)  # Names in Del context delete; bases load
+        return True
+
+    def _stmt_Import(self, node: ast.Import, ctx: _Ctx, flow: _Flow) -> bool:
+        for alias in node.names:
+            self._store(_import_name(alias), ctx, flow)
+        return True
+
+    def _stmt_ImportFrom(self, node: ast.ImportFrom, ctx: _Ctx, flow: _Flow) -> bool:
+        for alias in node.names:
+            if alias.name == "*":
+                self._star_import = True
+            else:
+                self._store(_import_name(alias), ctx, flow)
+        return True
+
+    def _stmt_FunctionDef(self, node: ast.FunctionDef, ctx: _Ctx, flow: _Flow) -> bool:
+        acc: set[str] = set()
+        for expr in [*node.decorator_list, *_defaults(node.args)]:
+            acc |= self._expr(expr, ctx, flow)
+        outer = self._type_params(node, ctx, flow)
+        for annotation in _annotations(node.args, node.returns):
+            acc |= self._expr(annotation, outer, flow)
+        scope = _function_scope(node.args, list(node.body), outer.scope)
+        self._stmts(node.body, self._nested_ctx(scope, outer, flow), set())
+        flow |= acc
+        self._store(node.name, ctx, flow)
+        return True
+
+    _stmt_AsyncFunctionDef = _stmt_FunctionDef
+
+    def _stmt_ClassDef(self, node: ast.ClassDef, ctx: _Ctx, flow: _Flow) -> bool:
+        acc: set[str] = set()
+        for expr in node.decorator_list:
+            acc |= self._expr(expr, ctx, flow)
+        outer = self._type_params(node, ctx, flow)
+        for expr in [*node.bases, *node.keywords]:
+            acc |= self._expr(expr, outer, flow)
+        bound, declared_global, declared_nonlocal = _collect(node.body)
+        scope = _Scope(
+            "class",
+            outer.scope,
+            frozenset(bound - declared_global - declared_nonlocal),
+            frozenset(declared_global),
+            frozenset(declared_nonlocal),
+        )
+        self._stmts(node.body, self._nested_ctx(scope, outer, flow), set())
+        flow |= acc
+        self._store(node.name, ctx, flow)
+        return True
+
+    def _type_params(self, node: ast.AST, ctx: _Ctx, flow: _Flow) -> _Ctx:
+        """The scope of a generic's type parameters (Python 3.12+), or ``ctx``."""
+        params = getattr(node, "type_params", None)
+        if not params:
+            return ctx
+        scope = _Scope("function", ctx.scope, frozenset(p.name for p in params))
+        inner = self._nested_ctx(scope, ctx, flow)
+        for param in params:
+            self._expr(param, inner, set())  # bounds and defaults
+        return inner
+
+    def _stmt_TypeAlias(self, node: ast.stmt, ctx: _Ctx, flow: _Flow) -> bool:
+        inner = self._type_params(node, ctx, flow)
+        value = node.value  # type: ignore[attr-defined]
+        self._expr(value, self._nested_ctx(_Scope("function", inner.scope), inner, flow), set())
+        self._target(node.name, ctx, flow)  # type: ignore[attr-defined]
+        return True
+
+    def _stmt_Return(self, node: ast.Return, ctx: _Ctx, flow: _Flow) -> bool:
+        self._expr(node.value, ctx, flow)
+        return False
+
+    def _stmt_Raise(self, node: ast.Raise, ctx: _Ctx, flow: _Flow) -> bool:
+        self._expr(node.exc, ctx, flow)
+        self._expr(node.cause, ctx, flow)
+        return False
+
+    def _stmt_Break(self, node: ast.stmt, ctx: _Ctx, flow: _Flow) -> bool:
+        return False
+
+    _stmt_Continue = _stmt_Break
+
+    def _stmt_Pass(self, node: ast.stmt, ctx: _Ctx, flow: _Flow) -> bool:
+        return True
+
+    _stmt_Global = _stmt_Nonlocal = _stmt_Pass  # collected with the scope
+
+    def _stmt_Assert(self, node: ast.Assert, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.test, ctx, flow)
+        self._visit([(node.msg, ctx, flow, None)] if node.msg else [])
+        return True
+
+    def _stmt_If(self, node: ast.If, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.test, ctx, flow)
+        outcomes = [self._branch(node.body, ctx, flow), self._branch(node.orelse, ctx, flow)]
+        return self._join(flow, outcomes)
+
+    def _stmt_For(self, node: ast.For, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.iter, ctx, flow)
+        inner = ctx.deeper()
+        body = set(flow)
+        self._target(node.target, inner, body)
+        self._stmts(node.body, inner, body)
+        self._branch(node.orelse, ctx, flow)
+        return True  # the loop may run no iteration: ``flow`` stands
+
+    _stmt_AsyncFor = _stmt_For
+
+    def _stmt_While(self, node: ast.While, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.test, ctx, flow)
+        self._branch(node.body, ctx, flow)
+        self._branch(node.orelse, ctx, flow)
+        return True
+
+    def _stmt_With(self, node: ast.With, ctx: _Ctx, flow: _Flow) -> bool:
+        for item in node.items:
+            flow |= self._expr(item.context_expr, ctx, flow)
+            if item.optional_vars is not None:
+                self._target(item.optional_vars, ctx, flow)
+        self._branch(node.body, ctx, flow)
+        return True  # a context manager may swallow an exception of the body
+
+    _stmt_AsyncWith = _stmt_With
+
+    def _stmt_Try(self, node: ast.Try, ctx: _Ctx, flow: _Flow) -> bool:
+        inner = ctx.deeper()
+        body = set(flow)
+        completes = self._stmts(node.body, inner, body)
+        completes = self._stmts(node.orelse, inner, body) and completes
+        outcomes = [(body, completes)]
+        for handler in node.handlers:
+            self._expr(handler.type, ctx, flow)
+            branch = set(flow)
+            if handler.name and ctx.scope.kind == "module":
+                branch.add(handler.name)  # bound, then deleted: never an event of its own
+            outcomes.append((branch, self._stmts(handler.body, inner, branch)))
+        final = set(flow)
+        final_reachable = self._stmts(node.finalbody, inner, final)
+        reachable = self._join(flow, outcomes)
+        if ctx.scope.kind == "module":
+            flow |= final  # module flows only grow, so both hold after the finally
+        else:
+            flow.intersection_update(final)
+        return reachable and final_reachable
+
+    _stmt_TryStar = _stmt_Try
+
+    def _stmt_Match(self, node: ast.stmt, ctx: _Ctx, flow: _Flow) -> bool:
+        flow |= self._expr(node.subject, ctx, flow)  # type: ignore[attr-defined]
+        inner = ctx.deeper()
+        outcomes: list[_Outcome] = [(set(flow), True)]  # no case may match
+        for case in node.cases:  # type: ignore[attr-defined]
+            branch = set(flow)
+            self._pattern(case.pattern, inner, branch)
+            branch |= self._expr(case.guard, inner, branch)
+            outcomes.append((branch, self._stmts(case.body, inner, branch)))
+        return self._join(flow, outcomes)
+
+    def _stmt__Isolated(self, node: _Isolated, ctx: _Ctx, flow: _Flow) -> bool:
+        scope = _function_scope(ast.arguments([], [], None, [], [], None, []), node.body, ctx.scope)
+        self._stmts(node.body, self._nested_ctx(scope, ctx, flow), set())
+        return True

@@ -1,0 +1,18 @@
+"""Build the transport a host's settings ask for."""
+
+from __future__ import annotations
+
+from ..hosts import HostConfig, default_workdir
+from . import Transport
+
+
+def make_transport(host: HostConfig, local_dir: str) -> Transport:
+    """The transport of ``host``, for a notebook whose folder is ``local_dir``."""
+    workdir = host.workdir or default_workdir(host.alias, local_dir)
+    if host.transport == "process":
+        from .process import ProcessTransport
+
+        return ProcessTransport(host.alias, workdir)
+    from .ssh import SSHTransport
+
+    return SSHTransport(host, workdir)

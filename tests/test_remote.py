@@ -1,0 +1,190 @@
+"""Remote cells: a fresh kernel per cell, on the process transport and over a real sshd.
+
+Every lifecycle test runs twice, against a ``process`` host and against an
+``ssh`` host that is a real OpenSSH server on 127.0.0.1 (tests/support/sshd.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kernel_client import alive, start_client, wait_gone
+
+from link_kernel import hosts
+from link_kernel.hosts import HostConfig
+
+
+def register(*configs: HostConfig) -> None:
+    known = hosts.load_registry()
+    known.update({c.alias: c for c in configs})
+    hosts.save_registry(known)
+
+
+@pytest.fixture(scope="module", params=["process", "ssh"])
+def remote(request, tmp_path_factory) -> str:
+    """Register a host of each transport; return its alias."""
+    workdir = tmp_path_factory.mktemp(f"work-{request.param}")
+    if request.param == "process":
+        register(HostConfig(alias="proc", transport="process", workdir=str(workdir)))
+        return "proc"
+    server = request.getfixturevalue("sshd")
+    register(
+        HostConfig(
+            alias="gpu",
+            transport="ssh",
+            hostname=server.host,
+            port=server.port,
+            user=server.user,
+            identity=str(server.client_key),
+            known_hosts=str(server.known_hosts),
+            ssh_config=os.devnull,
+            python=sys.executable,
+            workdir=str(workdir),
+        )
+    )
+    return "gpu"
+
+
+@pytest.fixture(scope="module")
+def link_remote(remote, tmp_path_factory):
+    client = start_client("link", cwd=str(tmp_path_factory.mktemp("notebook")))
+    yield client
+    client.shutdown()
+
+
+def test_outputs_arrive_in_order(link_remote, remote):
+    code = (
+        f"# link: {remote}\n"
+        "import sys\n"
+        "print('one')\n"
+        "from IPython.display import display, HTML\n"
+        "display(HTML('<b>two</b>'))\n"
+        "print('three', file=sys.stderr)\n"
+        "raise ValueError('four')"
+    )
+    result = link_remote.run(code)
+    assert result.status == "error"
+    assert [m["msg_type"] for m in result.outputs] == ["stream", "display_data", "stream", "error"]
+    assert result.outputs[0]["content"]["text"] == "one\n"
+    assert result.outputs[1]["content"]["data"]["text/html"] == "<b>two</b>"
+    assert result.outputs[2]["content"] == {"name": "stderr", "text": "three\n"}
+    assert result.error["ename"] == "ValueError" and result.error["evalue"] == "four"
+    assert result.statuses == ["busy", "idle"]
+    assert [m["content"]["code"] for m in result.inputs] == [code]
+
+
+def test_execution_count_and_traceback_match_the_cell(link_remote, remote):
+    before = link_remote.run("1").content["execution_count"]
+    result = link_remote.run(f"# link: {remote}\nx = 1\n1 / 0")
+    count = result.content["execution_count"]
+    assert count == before + 1 == result.inputs[0]["content"]["execution_count"]
+    traceback = "\n".join(result.error["traceback"])
+    assert f"In[{count}]" in traceback and "line 3" in traceback
+    assert "link_kernel" not in traceback
+    assert link_remote.run("2").content["execution_count"] == count + 1
+
+
+def test_remote_kernel_is_gone_when_the_reply_arrives(link_remote, remote):
+    result = link_remote.run(f"# link: {remote}\nimport os, subprocess\n"
+                             "child = subprocess.Popen(['sleep', '300'])\n(os.getpid(), child.pid)")
+    pid, child = eval(result.result)
+    assert pid != link_remote.pid
+    assert not alive(pid), "the remote kernel outlived its execute_reply"
+    assert not alive(child), "a process the cell started outlived its execute_reply"
+    assert result.reply["metadata"]["link"]["target"] == remote
+
+
+def test_keep_reuses_one_kernel_and_release_ends_it(link_remote, remote):
+    first = int(link_remote.run(f"# link: {remote} keep\nimport os\nstate = 41\nos.getpid()").result)
+    second = link_remote.run(f"# link: {remote}\nstate += 1\n(os.getpid(), state)")
+    assert eval(second.result) == (first, 42)
+    assert alive(first)
+    status = link_remote.run("%link status").outputs[0]["content"]["data"]["text/plain"]
+    assert f"kept kernel pid {first}" in status
+    released = link_remote.run(f"%link release {remote}")
+    assert released.outputs[0]["content"]["data"]["text/plain"] == f"released: {remote}"
+    assert not alive(first)
+    third = int(link_remote.run(f"# link: {remote}\nimport os\nos.getpid()").result)
+    assert third != first
+
+
+def test_interrupt_reaches_the_remote_cell(link_remote, remote):
+    msg_id = link_remote.kc.execute(f"# link: {remote}\nimport time\ntime.sleep(60)")
+    deadline = time.monotonic() + 30
+    while True:  # wait until the remote kernel runs the cell
+        msg = link_remote.kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            break
+        assert time.monotonic() < deadline
+    time.sleep(1.0)
+    start = time.monotonic()
+    link_remote.km.interrupt_kernel()
+    while True:
+        reply = link_remote.kc.get_shell_msg(timeout=10)
+        if reply["parent_header"]["msg_id"] == msg_id:
+            break
+    assert time.monotonic() - start < 5
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    link_remote.drain_iopub()
+
+
+def test_input_works_in_a_remote_cell(link_remote, remote):
+    result = link_remote.run(
+        f"# link: {remote}\nanswer = input('Number? ')\nint(answer) * 2", on_input=lambda r: "21"
+    )
+    assert result.result == "42"
+
+
+def test_link_lines_never_reach_the_remote_kernel(link_remote, remote):
+    result = link_remote.run(f"# link: {remote}\n%link hosts\nprint('ran')")
+    assert result.status == "ok"
+    kinds = [m["msg_type"] for m in result.outputs]
+    assert kinds == ["display_data", "stream"]
+    assert remote in result.outputs[0]["content"]["data"]["text/plain"]
+
+
+def test_a_sigkilled_router_leaves_no_remote_kernel(remote, tmp_path):
+    client = start_client("link", cwd=str(tmp_path))
+    try:
+        pid = int(client.run(f"# link: {remote} keep\nimport os\nos.getpid()").result)
+        local = client.descendants()
+        assert alive(pid)
+        os.kill(client.pid, signal.SIGKILL)
+        client.km.provisioner.process.wait()
+        assert wait_gone([pid, *local], timeout=15) == []
+    finally:
+        client.kc.stop_channels()
+        client.km.cleanup_resources()
+
+
+def test_fallback_names_the_target_and_the_reason(link_remote, remote):
+    register(HostConfig(alias="down", transport="ssh", hostname="127.0.0.1", port=_closed_port(),
+                        python=sys.executable, ssh_config=os.devnull, known_hosts=os.devnull))
+    start = time.monotonic()
+    result = link_remote.run(f"# link: down|{remote}\nimport os\nos.getpid()")
+    assert time.monotonic() - start < 5 + 5  # skipped within 5 s, then a kernel start
+    assert result.status == "ok"
+    assert result.outputs[0]["msg_type"] == "stream"
+    note = result.outputs[0]["content"]["text"]
+    assert note.startswith(f"[link] ran on {remote}: down:")
+    assert result.reply["metadata"]["link"]["target"] == remote
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_process_host_has_its_own_work_directory(link_remote, remote):
+    local_cwd = link_remote.run("import os; os.getcwd()").result
+    remote_cwd = link_remote.run(f"# link: {remote}\nimport os; os.getcwd()").result
+    assert local_cwd != remote_cwd
+    assert Path(eval(remote_cwd)).name.startswith("work-")
