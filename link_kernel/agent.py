@@ -1,27 +1,516 @@
 """Link's helper inside a kernel: the local kernel and every remote one.
 
 This module is self-contained: it imports nothing of link_kernel, because a
-remote host has only Python, ipykernel and dill. The router imports it by name
-in the local kernel; on a host, the bootstrap supervisor executes its source
-as the module ``__link_agent__`` before the kernel starts.
+remote host has only Python, ipykernel and dill (and maybe xxhash). The router
+imports it by name in the local kernel; on a host, the bootstrap supervisor
+executes its source as the module ``__link_agent__`` before the kernel starts.
 
-In a remote kernel the agent wraps the kernel's execute_request handler, so a
-routed cell costs one request: the router puts its instructions in the
-request's metadata under ``"link"`` and the wrapper applies them around the
-cell (the execution count now; variables later). In the local kernel the
-router calls the agent with silent execute requests, so nothing it does
-reaches the cell's outputs or the history, and it binds no user name.
+**Remote kernels.** The agent wraps the kernel's execute_request handler, so a
+routed cell costs one request. The router puts its instructions in the
+request's metadata under ``"link"``::
+
+    {"count": 7,                         the cell's execution count
+     "store": "/home/ada/.cache/link-kernel/host-blobs",
+     "algo": "xxh3",                     how blobs are named and checked
+     "inputs": {"df": "xxh3-9f..."},     names to load from blobs
+     "modules": {"np": "numpy"},         names to bind to imported modules
+     "placeholders": ["old"],            names the cell deletes but never reads
+     "outputs": null | ["model"]}        null: detect; a list: exactly these
+
+Before the cell, the wrapper loads the inputs (a blob is unpickled only if its
+content hash matches its name); if that fails the cell does not run. After a
+cell that succeeded it publishes a ``link_result`` iopub message: the names
+the cell bound or rebound, the inputs whose content it changed (compared by
+content hash), the names it deleted, each new value written as a blob, and
+the names that could not be serialized, with the reason.
+
+**The local kernel.** The router calls :func:`export` (inputs of a remote
+cell), :func:`apply` (its outputs, all or nothing) and :func:`record` with
+silent execute requests, so nothing reaches the cell's outputs or history.
+
+**Blobs** are files named ``ALGO-HEX`` after the hash of their whole content:
+a header, the pickle (dill, protocol 5) and its out-of-band buffers (numpy
+arrays travel without copies), each aligned to 64 bytes. They are loaded
+through a private copy-on-write memory map, so a big array costs no read
+until it is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import mmap
+import os
+import re
+import struct
 import sys
+import time
+import types
 
 NAME = "__link_agent__"
+MAGIC = b"LINKBLOB1\n"
+ALIGN = 64
+_IPYTHON_NAMES = re.compile(r"_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython")
 
 
-def install(shell) -> None:
-    """Register the agent, the no-op ``%link`` magic and the execute wrapper.
+# -- hashing -------------------------------------------------------------------------
+
+
+def algorithms() -> list:
+    """Hash algorithms this python has, fastest first."""
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return ["sha256"]
+    return ["xxh3", "sha256"]
+
+
+def _hasher(algo: str):
+    if algo == "xxh3":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown hash algorithm {algo!r}")
+
+
+# -- serialization -------------------------------------------------------------------
+
+
+def _to_host_memory(obj):
+    """A GPU array or tensor as a CPU one; None for anything else.
+
+    One small hook per library: torch tensors (and modules, whose parameters
+    move in place; a remote kernel is discarded after the cell anyway) and
+    cupy arrays. The local machine needs no GPU to load what comes back.
+    """
+    module = type(obj).__module__ or ""
+    if module.startswith("torch"):
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+                return obj.detach().to("cpu")
+            if isinstance(obj, torch.nn.Module):
+                devices = {p.device.type for p in obj.parameters()} | {
+                    b.device.type for b in obj.buffers()
+                }
+                if devices - {"cpu"}:
+                    return obj.to("cpu")
+    elif module.startswith("cupy"):
+        cupy = sys.modules.get("cupy")
+        if cupy is not None and isinstance(obj, cupy.ndarray):
+            return cupy.asnumpy(obj)
+    return None
+
+
+def _process_bound_types() -> tuple:
+    """Types whose values belong to the process that made them.
+
+    dill would pickle some of them (a lock as a new lock, a file as its
+    name), but what arrives is not the same thing, so they are refused.
+    """
+    import io
+    import socket
+    import threading
+
+    kinds = [
+        type(threading.Lock()),
+        type(threading.RLock()),
+        threading.Condition,
+        threading.Semaphore,
+        threading.Event,
+        threading.Thread,
+        io.IOBase,
+        socket.socket,
+        types.GeneratorType,
+        types.CoroutineType,
+        types.AsyncGeneratorType,
+        types.FrameType,
+        types.TracebackType,
+    ]
+    subprocess = sys.modules.get("subprocess")
+    if subprocess is not None:
+        kinds.append(subprocess.Popen)
+    return tuple(kinds)
+
+
+class Refused(TypeError):
+    """A value Link will not send; the message says why."""
+
+
+def _refusal(obj) -> str:
+    if isinstance(obj, types.GeneratorType):
+        return "a generator's position cannot be sent; turn it into a list first"
+    if isinstance(obj, (types.CoroutineType, types.AsyncGeneratorType)):
+        return "a running coroutine cannot be sent"
+    kind = type(obj).__name__
+    return f"a {kind} belongs to the process that made it and cannot be sent"
+
+
+def _pickler_class():
+    import dill
+
+    numpy = sys.modules.get("numpy")
+    bound = _process_bound_types()
+
+    class Pickler(dill.Pickler):
+        def reducer_override(self, obj):
+            if numpy is not None and type(obj) is numpy.ndarray and not obj.dtype.hasobject:
+                return obj.__reduce_ex__(5)
+            if isinstance(obj, bound):
+                raise Refused(_refusal(obj))
+            moved = _to_host_memory(obj)
+            if moved is not None:
+                return _identity, (moved,)
+            return NotImplemented
+
+    return Pickler
+
+
+def _identity(value):
+    return value
+
+
+def dumps(value) -> tuple:
+    """(pickle bytes, out-of-band buffers) of a value."""
+    import io
+
+    buffers: list = []
+    out = io.BytesIO()
+    _pickler_class()(out, protocol=5, buffer_callback=buffers.append, byref=False).dump(value)
+    views = []
+    for buf in buffers:
+        raw = buf.raw()
+        views.append(raw if raw.contiguous else memoryview(bytes(raw)))
+    return out.getvalue(), views
+
+
+def _pad(n: int) -> int:
+    return (-n) % ALIGN
+
+
+def _layout(pickled: bytes, views: list) -> list:
+    """Every part of a blob file, in order."""
+    header = json.dumps({"pickle": len(pickled), "buffers": [v.nbytes for v in views]}).encode()
+    head = MAGIC + struct.pack("<Q", len(header)) + header
+    parts = [head, b"\0" * _pad(len(head)), pickled, b"\0" * _pad(len(pickled))]
+    for view in views:
+        parts += [view, b"\0" * _pad(view.nbytes)]
+    return parts
+
+
+def blob_of(value, algo: str) -> tuple:
+    """(blob id, parts to write) of a value."""
+    pickled, views = dumps(value)
+    parts = _layout(pickled, views)
+    hasher = _hasher(algo)
+    for part in parts:
+        hasher.update(part)
+    return f"{algo}-{hasher.hexdigest()}", parts
+
+
+def write_blob(store: str, value, algo: str) -> tuple:
+    """Store a value; return (blob id, size). An existing blob is only touched."""
+    blob_id, parts = blob_of(value, algo)
+    path = os.path.join(store, blob_id)
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    if os.path.exists(path):
+        os.utime(path)
+        return blob_id, size
+    os.makedirs(store, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return blob_id, size
+
+
+class BlobError(Exception):
+    """A blob is missing, corrupt, or does not match its name."""
+
+
+def read_blob(store: str, blob_id: str):
+    """Load a blob, refusing it unless its content hash matches its name."""
+    algo, _, digest = blob_id.partition("-")
+    path = os.path.join(store, blob_id)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    except FileNotFoundError:
+        raise BlobError(f"blob {blob_id} is missing") from None
+    view = memoryview(mapped)
+    hasher = _hasher(algo)
+    hasher.update(view)
+    if hasher.hexdigest() != digest:
+        raise BlobError(f"blob {blob_id} does not match its hash; refusing to unpickle it")
+    if bytes(view[: len(MAGIC)]) != MAGIC:
+        raise BlobError(f"blob {blob_id} is not a Link blob")
+    (hlen,) = struct.unpack_from("<Q", view, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(bytes(view[start : start + hlen]))
+    offset = start + hlen
+    offset += _pad(offset)
+    pickled = view[offset : offset + header["pickle"]]
+    offset += header["pickle"] + _pad(header["pickle"])
+    buffers = []
+    for n in header["buffers"]:
+        buffers.append(view[offset : offset + n])
+        offset += n + _pad(n)
+    import dill
+
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+    return dill.loads(pickled, buffers=buffers)
+
+
+def trim_store(store: str, cap: int) -> None:
+    """Delete the least recently used blobs until the store holds at most ``cap`` bytes."""
+    try:
+        entries = [e for e in os.scandir(store) if e.is_file() and "-" in e.name]
+    except FileNotFoundError:
+        return
+    stats = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in entries]
+    total = sum(s for _, s, _ in stats)
+    for _, size, path in sorted(stats):
+        if total <= cap:
+            return
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+
+
+# -- names ---------------------------------------------------------------------------
+
+
+def _is_user_name(shell, name: str) -> bool:
+    return (
+        not name.startswith("__")
+        and name not in getattr(shell, "user_ns_hidden", {})
+        and not _IPYTHON_NAMES.fullmatch(name)
+    )
+
+
+def _type_name(value) -> str:
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Refused):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _global_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _referenced_globals(value, ns: dict) -> set:
+    """Names of the notebook's namespace that a notebook function or class uses."""
+    found: set = set()
+    if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
+        found |= _global_names(value.__code__)
+    elif isinstance(value, type) and value.__module__ == "__main__":
+        for attr in vars(value).values():
+            func = getattr(attr, "__func__", attr)
+            if isinstance(func, types.FunctionType):
+                found |= _global_names(func.__code__)
+    return {n for n in found if n in ns}
+
+
+def export(shell, names: list, store: str, algo: str) -> str:
+    """Write the named values of the user namespace as blobs (local side).
+
+    Notebook functions and classes bring along the notebook names they use.
+    Returns a JSON manifest: {"values": {name: {id, size, type}},
+    "modules": {name: module}, "errors": {name: {type, reason}}, "missing": [...]}.
+    """
+    ns = shell.user_ns
+    manifest: dict = {"values": {}, "modules": {}, "errors": {}, "missing": []}
+    todo = list(dict.fromkeys(names))
+    seen = set(todo)
+    while todo:
+        name = todo.pop(0)
+        if name not in ns:
+            manifest["missing"].append(name)
+            continue
+        value = ns[name]
+        if isinstance(value, types.ModuleType):
+            manifest["modules"][name] = value.__name__
+            continue
+        for extra in sorted(_referenced_globals(value, ns) - seen):
+            if _is_user_name(shell, extra):
+                seen.add(extra)
+                todo.append(extra)
+        try:
+            blob_id, size = write_blob(store, value, algo)
+        except Exception as exc:
+            manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+            continue
+        manifest["values"][name] = {"id": blob_id, "size": size, "type": _type_name(value)}
+    return json.dumps(manifest)
+
+
+def user_names(shell) -> list:
+    """The user's names in the namespace (for in= checks and status)."""
+    return [n for n in shell.user_ns if _is_user_name(shell, n)]
+
+
+def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) -> str:
+    """Bind returned values and delete deleted names: all that load, at once.
+
+    Every blob is loaded (and every module imported) first; only then is the
+    namespace changed, in one step. A value that fails to load is reported
+    and its name left as it was. Returns a JSON list of {name, reason}.
+    """
+    import importlib
+
+    loaded = {}
+    failures = []
+    for name, blob_id in values.items():
+        try:
+            loaded[name] = read_blob(store, blob_id)
+        except Exception as exc:
+            failures.append({"name": name, "reason": _reason(exc)})
+    for name, module in (modules or {}).items():
+        try:
+            loaded[name] = importlib.import_module(module)
+        except Exception as exc:
+            failures.append({"name": name, "reason": _reason(exc)})
+    ns = shell.user_ns
+    ns.update(loaded)
+    for name in deleted:
+        ns.pop(name, None)
+    return json.dumps(failures)
+
+
+def record(shell, code: str) -> int:
+    """Record a cell the router ran elsewhere, as IPython records its own cells.
+
+    The cell goes into the input history under the current execution count,
+    and the count moves on, so the local kernel stays the notebook's record of
+    every cell whatever ran it. Returns the count the cell got.
+    """
+    count = shell.execution_count
+    shell.history_manager.store_inputs(count, code, code)
+    shell.execution_count = count + 1
+    return count
+
+
+# -- the remote side -------------------------------------------------------------------
+
+
+class _Placeholder:
+    """Bound to a name a cell deletes without reading it, so ``del`` works."""
+
+    def __repr__(self) -> str:
+        return "<deleted by this cell>"
+
+
+class Cell:
+    """What the wrapper knows about the routed cell it runs."""
+
+    def __init__(self, shell, instructions: dict) -> None:
+        self.shell = shell
+        self.store = os.path.expanduser(instructions.get("store") or "")
+        self.algo = instructions.get("algo") or algorithms()[0]
+        self.inputs = dict(instructions.get("inputs") or {})
+        self.modules = dict(instructions.get("modules") or {})
+        self.placeholders = list(instructions.get("placeholders") or [])
+        self.outputs = instructions.get("outputs")
+        self.cap = int(instructions.get("cap") or 0)
+        self.before: dict = {}
+
+    def load(self) -> None:
+        """Bind the inputs; raise before the cell runs if any cannot be loaded."""
+        import importlib
+
+        values = {}
+        for name, blob_id in self.inputs.items():
+            try:
+                values[name] = read_blob(self.store, blob_id)
+            except Exception as exc:
+                raise RuntimeError(f"input {name!r} could not be loaded: {_reason(exc)}") from exc
+        for name, module in self.modules.items():
+            values[name] = importlib.import_module(module)
+        placeholder = _Placeholder()
+        for name in self.placeholders:
+            values.setdefault(name, placeholder)
+        ns = self.shell.user_ns
+        ns.update(values)
+        self.before = {n: v for n, v in ns.items() if _is_user_name(self.shell, n)}
+
+    def result(self) -> dict:
+        """What changed: written blobs, deletions and serialization failures."""
+        ns = self.shell.user_ns
+        now = {n: v for n, v in ns.items() if _is_user_name(self.shell, n)}
+        if self.outputs is not None:
+            changed = [n for n in self.outputs if n in now]
+            deleted = [n for n in self.outputs if n not in now and n in self.before]
+        else:
+            changed = [
+                n
+                for n, v in now.items()
+                if (n not in self.before or v is not self.before[n])
+                and not isinstance(v, (_Placeholder, types.ModuleType))
+            ]
+            deleted = [
+                n for n in self.before if n not in now and n in set(self.inputs) | set(self.placeholders)
+            ]
+            deleted += [n for n in self.modules if n not in now]
+        out: dict = {"values": {}, "modules": {}, "deleted": deleted, "errors": {}}
+        for name in changed:
+            value = now[name]
+            if isinstance(value, types.ModuleType):
+                out["modules"][name] = value.__name__
+                continue
+            try:
+                blob_id, size = write_blob(self.store, value, self.algo)
+            except Exception as exc:
+                out["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+                continue
+            if self.outputs is None and self.inputs.get(name) == blob_id:
+                continue  # an input the cell did not change
+            out["values"][name] = {"id": blob_id, "size": size, "type": _type_name(value)}
+        if self.outputs is None:
+            for name in self.inputs:
+                if name in now and name not in changed:
+                    self._check_mutated(name, now[name], out)
+        if self.cap:
+            trim_store(self.store, self.cap)
+        return out
+
+    def _check_mutated(self, name: str, value, out: dict) -> None:
+        try:
+            blob_id, size = write_blob(self.store, value, self.algo)
+        except Exception as exc:
+            out["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+            return
+        if blob_id != self.inputs[name]:
+            out["values"][name] = {"id": blob_id, "size": size, "type": _type_name(value)}
+
+
+def install(shell, wrap: bool = True) -> None:
+    """Register the agent, the no-op ``%link`` magic and (remote) the execute wrapper.
 
     ``%link`` lines are handled by the router. The kernel still sees them (the
     router forwards cells unchanged, so tracebacks keep the cell's line
@@ -37,34 +526,61 @@ def install(shell) -> None:
     shell.register_magic_function(link, "line", "link")
     kernel = getattr(shell, "kernel", None)
     handlers = getattr(kernel, "shell_handlers", None)
-    if handlers is not None and "execute_request" in handlers:
-        handlers["execute_request"] = _wrap_execute(shell, handlers["execute_request"])
+    if wrap and handlers is not None and "execute_request" in handlers:
+        handlers["execute_request"] = _wrap_execute(shell, kernel, handlers["execute_request"])
 
 
-def _wrap_execute(shell, original):
+def _wrap_execute(shell, kernel, original):
     async def execute_request(stream, ident, parent):
         instructions = (parent.get("metadata") or {}).get("link")
-        if isinstance(instructions, dict):
-            count = instructions.get("count")
-            if isinstance(count, int) and count > 0:
-                shell.execution_count = count
-        result = original(stream, ident, parent)
-        if hasattr(result, "__await__"):
-            result = await result
+        if not isinstance(instructions, dict):
+            return await _call(original, stream, ident, parent)
+        count = instructions.get("count")
+        if isinstance(count, int) and count > 0:
+            shell.execution_count = count
+        cell = Cell(shell, instructions)
+        started = time.perf_counter()
+        try:
+            cell.load()
+        except Exception as exc:
+            _refuse(shell, kernel, stream, ident, parent, exc)
+            return None
+        loaded = time.perf_counter() - started
+        result = await _call(original, stream, ident, parent)
+        last = getattr(shell, "last_execution_result", None)
+        if last is not None and last.success and instructions.get("store"):
+            started = time.perf_counter()
+            try:
+                content = cell.result()
+            except Exception as exc:
+                content = {"values": {}, "modules": {}, "deleted": [], "errors": {
+                    "*": {"type": "", "reason": _reason(exc)}}}
+            content["timings"] = {"load": loaded, "save": time.perf_counter() - started}
+            kernel.session.send(kernel.iopub_socket, "link_result", content, parent=parent)
         return result
 
     execute_request.__wrapped__ = original
     return execute_request
 
 
-def record(shell, code: str) -> int:
-    """Record a cell the router ran elsewhere, as IPython records its own cells.
+async def _call(handler, *args):
+    result = handler(*args)
+    if hasattr(result, "__await__"):
+        result = await result
+    return result
 
-    The cell goes into the input history under the current execution count,
-    and the count moves on, so the local kernel stays the notebook's record of
-    every cell whatever ran it. Returns the count the cell got.
-    """
+
+def _refuse(shell, kernel, stream, ident, parent, exc) -> None:
+    """Reply to a cell whose inputs did not load, without running it."""
     count = shell.execution_count
-    shell.history_manager.store_inputs(count, code, code)
-    shell.execution_count = count + 1
-    return count
+    content = {
+        "ename": "TransferError",
+        "evalue": str(exc),
+        "traceback": [f"\x1b[0;31mTransferError\x1b[0m: {exc}"],
+    }
+    session = kernel.session
+    session.send(kernel.iopub_socket, "execute_input", {"code": parent["content"].get("code", ""),
+                 "execution_count": count}, parent=parent)
+    session.send(kernel.iopub_socket, "error", content, parent=parent)
+    session.send(stream, "execute_reply", {"status": "error", "execution_count": count, **content},
+                 parent, ident=ident)

@@ -94,12 +94,12 @@ def check_modules():
     import importlib.util
 
     found, missing = {}, []
-    for name in ("ipykernel", "dill"):
+    for name in ("ipykernel", "dill", "xxhash"):
         spec = importlib.util.find_spec(name)
-        if spec is None:
-            missing.append(name)
-        else:
+        if spec is not None:
             found[name] = spec.origin or ""
+        elif name != "xxhash":
+            missing.append(name)
     return found, missing
 
 

@@ -45,6 +45,7 @@ from .backends.remote import RemoteBackend
 from .connection import delim_index, header_of
 from .errors import ConnectionLostError, HostUnreachableError, LinkError
 from .hosts import HostConfig
+from .sync.variables import VariableSync
 from .relay import Relay
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class LinkKernel(Kernel):
             start_timeout=self.local_start_timeout,
         )
         self.remotes: dict[str, RemoteBackend] = {}
+        self.sync = VariableSync(self.local)
         self._raw: dict[str, tuple[list, int]] = {}
         self._active: Backend | None = None
         self._echoed = ""
@@ -438,14 +440,7 @@ class LinkKernel(Kernel):
                     skipped.append(f"{target}: {err.message}")
                     continue
             if skipped:
-                note = f"[link] ran on {target}: " + "; ".join(skipped) + "\n"
-                self.session.send(
-                    self.iopub_socket,
-                    "stream",
-                    {"name": "stderr", "text": note},
-                    parent,
-                    ident=self._topic("stream"),
-                )
+                self._note(parent, f"[link] ran on {target}: " + "; ".join(skipped) + "\n")
             return backend
         raise AssertionError("resolve() returns at least one target")
 
@@ -464,9 +459,21 @@ class LinkKernel(Kernel):
             if record is not None:
                 await record
                 self.execution_count = request.execution_count
+            for note in backend.notes:
+                self._note(request.msg, note)
+            backend.notes.clear()
         reply.content["execution_count"] = request.execution_count
         reply.metadata = {**reply.metadata, "link": {"target": backend.name, **backend.last}}
         return reply
+
+    def _note(self, parent: dict, text: str) -> None:
+        self.session.send(
+            self.iopub_socket,
+            "stream",
+            {"name": "stderr", "text": text},
+            parent,
+            ident=self._topic("stream"),
+        )
 
     def backend(self, target: str) -> Backend:
         """The backend of a known target, created on first use."""
@@ -480,6 +487,7 @@ class LinkKernel(Kernel):
                 local_dir=os.getcwd(),
                 context=self.shell_stream.socket.context,
                 relay=self.relay,
+                sync=self.sync,
                 start_timeout=self.remote_start_timeout,
                 reach_timeout=self.reach_timeout,
             )

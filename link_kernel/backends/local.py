@@ -154,7 +154,7 @@ class LocalBackend(Backend):
 
     async def _install_agent(self) -> None:
         result = await self.call(
-            "__import__('link_kernel.agent', fromlist=['install']).install(get_ipython())",
+            "__import__('link_kernel.agent', fromlist=['install']).install(get_ipython(), False)",
             {"session": "get_ipython().history_manager.session_number"},
         )
         self.session_number = int(result["session"])

@@ -40,6 +40,7 @@ from ..errors import (
 from ..hosts import HostConfig
 from ..provisioner import LinkProvisioner, python_spec
 from ..relay import Relay
+from ..sync.variables import Inputs, Outputs, Plan, VariableSync
 from ..transports import Transport
 from ..transports.factory import make_transport
 from . import Backend, ExecuteRequest, Reply
@@ -88,6 +89,7 @@ class RemoteBackend(Backend):
         local_dir: str,
         context: zmq.Context,
         relay: Relay,
+        sync: VariableSync,
         start_timeout: float = 60.0,
         reach_timeout: float = 5.0,
         shutdown_wait: float = 2.0,
@@ -97,6 +99,7 @@ class RemoteBackend(Backend):
         self.local_dir = local_dir
         self.context = context
         self.relay = relay
+        self.sync = sync
         self.start_timeout = start_timeout
         self.reach_timeout = reach_timeout
         self.shutdown_wait = shutdown_wait
@@ -108,6 +111,10 @@ class RemoteBackend(Backend):
         self._idle: asyncio.TimerHandle | None = None
         self._connect_lock = asyncio.Lock()
         self._pythons: dict[str, str] = {}
+        #: The hash the host can compute fastest (from its first kernel's HELLO).
+        self.algo: str | None = None
+        #: Notes for the cell's output (what could not come back), taken by the router.
+        self.notes: list[str] = []
 
     # -- reaching the host ------------------------------------------------------------
 
@@ -180,6 +187,9 @@ class RemoteBackend(Backend):
         kernel = RemoteKernel(
             provisioner, conn, pid=int(supervisor.ready.result()["pid"]), kernel_name=kernel_name
         )
+        if self.algo is None:
+            modules = supervisor.hello.result().get("modules", {})
+            self.algo = "xxh3" if "xxhash" in modules else "sha256"
         supervisor.exited.add_done_callback(lambda fut, k=kernel: self._on_exit(k, fut))
         self._ensure_keepalive()
         t2 = time.perf_counter()
@@ -247,6 +257,7 @@ class RemoteBackend(Backend):
     # -- cells ------------------------------------------------------------------------
 
     async def execute(self, request: ExecuteRequest) -> Reply:
+        """Run one cell: inputs out, cell, outputs back, kernel released."""
         timings: dict[str, float] = {}
         self.last = {}
         kernel, self.kept = self.kept, None
@@ -256,42 +267,113 @@ class RemoteBackend(Backend):
         if kernel is not None and kernel.kernel_name != wanted:
             await self._release(kernel)
             kernel = None
+        plan = Plan.of(request.code, request.route)
+        booting = None
         if kernel is None or not kernel.alive:
-            kernel = await self.start_kernel(timings, wanted)
-        self.running = kernel
-        conn = kernel.conn
-        conn.on_iopub = self.relay.iopub_sink(conn)
-        conn.on_stdin = self.relay.on_stdin_request
-        metadata = {**request.msg.get("metadata", {}), "link": {"count": request.execution_count}}
-        t0 = time.perf_counter()
+            booting = asyncio.ensure_future(self.start_kernel(timings, wanted))
+            if self.algo is None:  # the first kernel tells which hashes the host has
+                kernel = await booting
         try:
-            pending = conn.send(
-                "execute_request",
-                request.content,
-                header=request.msg["header"],
-                parent=request.msg.get("parent_header") or None,
-                metadata=metadata,
-                internal=False,
-            )
-            frames = await pending.done()
-            timings["run"] = time.perf_counter() - t0
-            try:
-                reply = conn.unpack(frames)
-            except ValueError as exc:
-                msg = f"the kernel on {self.name} sent a reply that does not verify: {exc}"
-                raise KernelDiedError(msg) from exc
+            t0 = time.perf_counter()
+            inputs = await self.sync.export(plan, self.algo or "sha256")
+            await self._push(inputs)
+            timings["inputs"] = time.perf_counter() - t0
+            if booting is not None:
+                kernel = await booting
+        except BaseException:
+            if booting is not None:
+                kernel = await _settled(booting)
+            if kernel is not None:
+                await self._release(kernel)
+            raise
+        self.running = kernel
+        outputs = None
+        try:
+            reply, outputs = await self._run(kernel, request, plan, inputs, timings)
         finally:
             self.running = None
             kernel.cells += 1
+            releasing = None
             if keep and kernel.alive:
                 self.kept = kernel
                 self._schedule_idle()
             else:
-                t1 = time.perf_counter()
-                await self._release(kernel)
-                timings["release"] = time.perf_counter() - t1
-            self.last["timings"] = {k: round(v, 4) for k, v in timings.items()}
+                releasing = asyncio.ensure_future(self._timed_release(kernel, timings))
+            try:
+                if outputs is not None:
+                    t1 = time.perf_counter()
+                    await self._bring_back(outputs, request)
+                    timings["outputs"] = time.perf_counter() - t1
+            finally:
+                if releasing is not None:
+                    await releasing
+                self.last["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return Reply(content=reply["content"], metadata=reply.get("metadata") or {})
+
+    async def _run(self, kernel, request, plan, inputs, timings) -> tuple[dict, Outputs | None]:
+        conn = kernel.conn
+        relay = self.relay.iopub_sink(conn)
+        result: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+
+        def on_iopub(frames, i, msg_type, parent_id):
+            if msg_type == "link_result":
+                if parent_id == request.msg_id and not result.done():
+                    result.set_result(conn.unpack(frames[i:])["content"])
+                return
+            relay(frames, i, msg_type, parent_id)
+
+        conn.on_iopub = on_iopub
+        conn.on_stdin = self.relay.on_stdin_request
+        link = {"count": request.execution_count}
+        link.update(self.sync.instructions(inputs, plan, self._transport().blob_dir, self.algo))
+        metadata = {**request.msg.get("metadata", {}), "link": link}
+        t0 = time.perf_counter()
+        pending = conn.send(
+            "execute_request",
+            request.content,
+            header=request.msg["header"],
+            parent=request.msg.get("parent_header") or None,
+            metadata=metadata,
+            internal=False,
+        )
+        frames = await pending.done()
+        timings["run"] = time.perf_counter() - t0
+        try:
+            reply = conn.unpack(frames)
+        except ValueError as exc:
+            msg = f"the kernel on {self.name} sent a reply that does not verify: {exc}"
+            raise KernelDiedError(msg) from exc
+        outputs = Outputs.from_content(result.result()) if result.done() else None
+        return reply, outputs
+
+    async def _push(self, inputs: Inputs) -> None:
+        ids = [v["id"] for v in inputs.values.values()]
+        if not ids:
+            return
+        transport = self._transport()
+        missing = await transport.missing_blobs(ids)
+        if missing:
+            await transport.push_blobs(str(self.sync.store), missing)
+
+    async def _bring_back(self, outputs: Outputs, request: ExecuteRequest) -> None:
+        """Pull the outputs' blobs, then apply them locally all at once."""
+        missing = self.sync.missing_locally(outputs)
+        if missing:
+            await self._transport().pull_blobs(missing, str(self.sync.store))
+        failures = await self.sync.apply(outputs)
+        notes = [
+            f"{name} ({error['type']}): {error['reason']}" for name, error in outputs.errors.items()
+        ]
+        notes += [f"{f['name']}: {f['reason']}" for f in failures]
+        if notes:
+            self.notes.append(
+                "[link] not brought back from " + self.name + ":\n  " + "\n  ".join(notes) + "\n"
+            )
+
+    async def _timed_release(self, kernel: RemoteKernel, timings: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        await self._release(kernel)
+        timings["release"] = time.perf_counter() - t0
 
     async def interrupt(self) -> None:
         kernel = self.running
@@ -344,6 +426,14 @@ class RemoteBackend(Backend):
             parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.last["timings"].items())
             detail += f"; last cell: {parts}"
         return {"target": self.name, "state": state, "detail": detail}
+
+
+async def _settled(task: asyncio.Future) -> Any:
+    """The task's result, or None if it failed or was cancelled."""
+    try:
+        return await task
+    except BaseException:
+        return None
 
 
 __all__ = ["RemoteBackend", "RemoteKernel", "ShutdownStep", "TransportError"]

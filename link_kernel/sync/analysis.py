@@ -484,13 +484,18 @@ class _Analyzer:
         self._final: dict[str, str] = {}
         #: Module names bound or deleted by functions and classes (whenever they run).
         self._nested: set[str] = set()
+        #: Module names the cell may delete, wherever.
+        self._deleted: set[str] = set()
         self._star_import = False
 
     def module(self, body: list[ast.stmt]) -> Names:
         self._stmts(body, _Ctx(_Scope("module")), set())
         binds = {n for n, event in self._final.items() if event == "bind"} | self._nested
         deletes = {n for n, event in self._final.items() if event == "delete"} - binds
-        return Names(frozenset(self._reads), frozenset(binds), frozenset(deletes), self._star_import)
+        # A name that may end deleted is sent, so that the caller can tell
+        # "deleted by the cell" (sent, now absent) from "not bound on this path".
+        reads = self._reads
+        return Names(frozenset(reads), frozenset(binds), frozenset(deletes), self._star_import)
 
     # Names --------------------------------------------------------------------------
 
@@ -514,15 +519,18 @@ class _Analyzer:
         elif scope.kind == "class":
             flow.add(name)
 
-    def _delete(self, name: str, ctx: _Ctx, flow: _Flow) -> None:
+    def _delete(self, name: str, ctx: _Ctx, flow: _Flow, *, implicit: bool = False) -> None:
+        """``del name``; ``implicit`` for the deletion that ends an ``except ... as name``."""
         scope = ctx.scope
-        if scope.kind == "module":
+        if not implicit:
             self._load(name, ctx, flow)  # `del x` fails if x does not exist
+        if scope.kind == "module":
             self._final[name] = "delete" if ctx.depth == 0 else "bind"
+            self._deleted.add(name)
             flow.add(name)
         elif name in scope.globals:
-            self._load(name, ctx, flow)
             self._nested.add(name)
+            self._deleted.add(name)
         elif scope.kind == "class":
             flow.discard(name)
 
@@ -835,9 +843,12 @@ class _Analyzer:
         for handler in node.handlers:
             self._expr(handler.type, ctx, flow)
             branch = set(flow)
-            if handler.name and ctx.scope.kind == "module":
-                branch.add(handler.name)  # bound, then deleted: never an event of its own
-            outcomes.append((branch, self._stmts(handler.body, inner, branch)))
+            if handler.name:
+                self._store(handler.name, inner, branch)
+            handled = self._stmts(handler.body, inner, branch)
+            if handler.name:  # Python deletes the name when the handler ends
+                self._delete(handler.name, inner, branch, implicit=True)
+            outcomes.append((branch, handled))
         final = set(flow)
         final_reachable = self._stmts(node.finalbody, inner, final)
         reachable = self._join(flow, outcomes)

@@ -189,6 +189,8 @@ class Transport(abc.ABC):
     def __init__(self, alias: str, workdir: str) -> None:
         self.alias = alias
         self.workdir = workdir
+        #: The host's blob store (absolute), set by :meth:`prepare`.
+        self.blob_dir = ""
 
     def path(self, *parts: str) -> str:
         return str(PurePosixPath(self.workdir, *parts))
@@ -253,6 +255,18 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def remove(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""
+
+    @abc.abstractmethod
+    async def missing_blobs(self, ids: list[str]) -> list[str]:
+        """The blobs of ``ids`` the host's store lacks."""
+
+    @abc.abstractmethod
+    async def push_blobs(self, local_store: str, ids: list[str]) -> None:
+        """Copy blobs from the local store into the host's; whole or not at all."""
+
+    @abc.abstractmethod
+    async def pull_blobs(self, ids: list[str], local_store: str) -> None:
+        """Copy blobs from the host's store into the local one; whole or not at all."""
 
     @abc.abstractmethod
     async def spawn(self, spec: LaunchSpec, source: str) -> Supervisor:

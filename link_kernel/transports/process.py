@@ -109,6 +109,9 @@ class ProcessTransport(Transport):
         path.mkdir(parents=True, exist_ok=True)
         (path / ".link").mkdir(mode=0o700, exist_ok=True)
         self.workdir = str(path.resolve())
+        if not self.blob_dir:
+            self.blob_dir = str(path / ".link" / "blobs")
+        Path(self.blob_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.workdir
 
     async def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
@@ -143,6 +146,15 @@ class ProcessTransport(Transport):
         )
         return ProcessSupervisor(self.alias, asyncio.get_running_loop(), proc)
 
+    async def missing_blobs(self, ids: list[str]) -> list[str]:
+        return [i for i in ids if not os.path.exists(os.path.join(self.blob_dir, i))]
+
+    async def push_blobs(self, local_store: str, ids: list[str]) -> None:
+        await asyncio.to_thread(_link_or_copy, local_store, self.blob_dir, ids)
+
+    async def pull_blobs(self, ids: list[str], local_store: str) -> None:
+        await asyncio.to_thread(_link_or_copy, self.blob_dir, local_store, ids)
+
     async def reach(self, port: int) -> int:
         return port
 
@@ -156,3 +168,21 @@ def _kernel_env() -> dict[str, str]:
     env.pop("JPY_PARENT_PID", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _link_or_copy(src: str, dest: str, ids: list[str]) -> None:
+    """Hard-link blobs between stores on one machine (copy across filesystems)."""
+    import shutil
+
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    for blob_id in ids:
+        target = os.path.join(dest, blob_id)
+        if os.path.exists(target):
+            continue
+        source = os.path.join(src, blob_id)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)

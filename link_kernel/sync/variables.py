@@ -1,0 +1,187 @@
+"""Variables between the local kernel and a remote cell.
+
+For a remote cell the router:
+
+1. **plans**: the names the cell reads (:mod:`.analysis`, or ``in=``) and the
+   names to bring back (detected on the host, or ``out=``);
+2. **exports** the inputs: the local kernel's agent writes each value as a
+   content-addressed blob into the local store (an unchanged value writes
+   nothing) and reports any value that cannot be serialized, which stops the
+   cell before it runs;
+3. **pushes** the blobs the host lacks into the host's store (size-capped, so an
+   input the host has seen before is not sent again, though each cell gets a
+   fresh kernel);
+4. after the cell, **pulls** the blobs of its results and **applies** them in
+   the local kernel all at once, only when every one has arrived whole.
+
+The blobs themselves are made and read by :mod:`link_kernel.agent`, in the
+kernels; this module only moves them and keeps the books.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backends.local import LocalBackend
+from ..errors import SerializationError, SyncError, TransferError
+from ..routing import Route
+from .analysis import analyze
+
+log = logging.getLogger(__name__)
+
+#: Default size cap of each blob store (local and per host), in bytes.
+DEFAULT_CAP = 8 * 2**30
+
+
+def default_store() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return base / "link-kernel" / "blobs"
+
+
+@dataclass
+class Plan:
+    """The names one remote cell takes and gives back."""
+
+    reads: list[str]
+    outputs: list[str] | None  # None: whatever the cell binds, rebinds or changes
+
+    @classmethod
+    def of(cls, code: str, route: Route) -> Plan:
+        if route.inputs is not None:
+            reads = list(route.inputs)
+        else:
+            try:
+                reads = sorted(analyze(code).reads)
+            except SyntaxError:
+                reads = []  # the remote kernel reports the syntax error itself
+        outputs = list(route.outputs) if route.outputs is not None else None
+        return cls(reads=reads, outputs=outputs)
+
+
+@dataclass
+class Inputs:
+    """What the local kernel exported for a cell."""
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return sum(v["size"] for v in self.values.values())
+
+
+@dataclass
+class Outputs:
+    """What a remote cell reported in its ``link_result``."""
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_content(cls, content: dict) -> Outputs:
+        return cls(
+            values=content.get("values", {}),
+            modules=content.get("modules", {}),
+            deleted=content.get("deleted", []),
+            errors=content.get("errors", {}),
+            timings=content.get("timings", {}),
+        )
+
+    @property
+    def size(self) -> int:
+        return sum(v["size"] for v in self.values.values())
+
+
+class VariableSync:
+    """Moves a notebook's variables between its local kernel and its hosts."""
+
+    def __init__(self, local: LocalBackend, store: Path | None = None, cap: int = DEFAULT_CAP):
+        self.local = local
+        self.store = Path(store or default_store())
+        self.cap = cap
+        self.algo = "xxh3"
+
+    async def export(self, plan: Plan, algo: str) -> Inputs:
+        """Write the cell's inputs as blobs in the local store.
+
+        Raises SerializationError, before anything runs, for the first input
+        that cannot be serialized, and SyncError for an ``in=`` name that does
+        not exist locally.
+        """
+        if not plan.reads:
+            return Inputs()
+        self.store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        started = time.perf_counter()
+        code = (
+            "__import__('sys').modules['__link_agent__']._last_export = "
+            "__import__('sys').modules['__link_agent__'].export("
+            f"get_ipython(), {plan.reads!r}, {str(self.store)!r}, {algo!r})"
+        )
+        result = await self.local.call(
+            code, {"manifest": "__import__('sys').modules['__link_agent__']._last_export"}
+        )
+        manifest = json.loads(ast.literal_eval(result["manifest"]))
+        for name, error in manifest["errors"].items():
+            raise SerializationError(
+                name,
+                error["type"],
+                error["reason"],
+                hint=f"Leave it out with in=... (the names the cell needs), or make {name!r} "
+                "picklable.",
+            )
+        return Inputs(
+            values=manifest["values"],
+            modules=manifest["modules"],
+            seconds=time.perf_counter() - started,
+        )
+
+    def instructions(self, inputs: Inputs, plan: Plan, store: str, algo: str) -> dict[str, Any]:
+        """The ``link`` metadata of the remote execute_request (see the agent)."""
+        return {
+            "store": store,
+            "algo": algo,
+            "inputs": {name: v["id"] for name, v in inputs.values.items()},
+            "modules": inputs.modules,
+            "outputs": plan.outputs,
+            "cap": self.cap,
+        }
+
+    async def apply(self, outputs: Outputs) -> list[dict[str, str]]:
+        """Bind the pulled outputs in the local kernel, all at once."""
+        values = {name: v["id"] for name, v in outputs.values.items()}
+        if not values and not outputs.deleted and not outputs.modules:
+            return []
+        code = (
+            "__import__('sys').modules['__link_agent__']._last_apply = "
+            "__import__('sys').modules['__link_agent__'].apply(get_ipython(), "
+            f"{values!r}, {outputs.deleted!r}, {str(self.store)!r}, {outputs.modules!r})"
+        )
+        result = await self.local.call(
+            code, {"failures": "__import__('sys').modules['__link_agent__']._last_apply"}
+        )
+        return json.loads(ast.literal_eval(result["failures"]))
+
+    def missing_locally(self, outputs: Outputs) -> list[str]:
+        return [v["id"] for v in outputs.values.values() if not (self.store / v["id"]).exists()]
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+__all__ = ["Inputs", "Outputs", "Plan", "SyncError", "TransferError", "VariableSync"]
