@@ -3,7 +3,7 @@
 This file is self-contained and runs on the host (Python >= 3.8, with only
 ipykernel and dill installed): a transport runs it as
 
-    exec PYTHON -c SOURCE CONNECTION_FILE AGENT_FILE DEAD_AFTER [IPYKERNEL_ARGS...]
+    exec PYTHON -c SOURCE WORKDIR CONNECTION_FILE AGENT_FILE DEAD_AFTER [IPYKERNEL_ARGS...]
 
 in a pty (ssh) or as a child process (process transport). The supervisor forks
 the kernel into a process group of its own and then:
@@ -174,8 +174,10 @@ def watch_router(fd, pgid, dead_after, stop):
 
 
 def main(argv):
-    conn_file, agent_file, dead_after = argv[0], argv[1], float(argv[2])
-    kernel_args = argv[3:]
+    workdir, conn_file, agent_file, dead_after = argv[0], argv[1], argv[2], float(argv[3])
+    kernel_args = argv[4:]
+    if workdir:
+        os.chdir(workdir)
     out = os.dup(1)
     control = os.dup(0)
     try:
@@ -233,4 +235,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # Everything of the kernel is reaped and reported: skip interpreter
+    # teardown, so the transport sees this process end at once.
+    os._exit(status)

@@ -193,7 +193,9 @@ def _hosts_check(args: argparse.Namespace) -> int:
     async def run() -> None:
         host = _host(args.alias)
         context = zmq.Context()
-        backend = RemoteBackend(host, local_dir=os.getcwd(), context=context, relay=_NoRelay())
+        backend = RemoteBackend(
+            host, local_dir=os.getcwd(), context=context, relay=_NoRelay(), sync=None
+        )
         timings: dict[str, float] = {}
         try:
             kernel = await backend.start_kernel(timings)

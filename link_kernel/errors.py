@@ -18,6 +18,7 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     │   │   └── ChangedHostKeyError   a different key is recorded for this host
     │   └── ConnectionLostError       an established connection dropped mid-cell
     ├── KernelError                   a kernel behind the router misbehaved
+    │   ├── CellInterrupted           interrupted before the remote kernel ran the cell
     │   ├── KernelStartError          a kernel did not start or never became ready
     │   ├── RemoteEnvironmentError    the host's python lacks ipykernel or dill, or differs
     │   └── KernelDiedError           a kernel process died while running a cell
@@ -34,10 +35,12 @@ class LinkError(Exception):
     """Base of every error Link reports.
 
     ``hint`` is one sentence that tells the user what to do next; it is shown
-    under the message in the notebook.
+    under the message in the notebook. ``ename`` is what the notebook shows as
+    the error's name: the class name, unless a subclass says otherwise.
     """
 
     hint: str = ""
+    ename: str = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -96,7 +99,7 @@ class UnknownHostKeyError(HostKeyError):
             host,
             f"host {host!r} is not in known_hosts (its key is {fingerprint})",
             hint=f"Verify the fingerprint, then run 'link-kernel hosts add {host} ... "
-            "--accept-new-host-key' or 'ssh {host}' once in a terminal.",
+            f"--accept-new-host-key' or 'ssh {host}' once in a terminal.",
         )
 
 
@@ -118,6 +121,13 @@ class ConnectionLostError(TransportError):
 
 class KernelError(LinkError):
     pass
+
+
+class CellInterrupted(KernelError):
+    """The user interrupted a remote cell before its kernel ran it."""
+
+    ename = "KeyboardInterrupt"
+    hint = "The local namespace is unchanged."
 
 
 class KernelStartError(KernelError):

@@ -15,6 +15,7 @@ file under the Jupyter config directory::
     identity = "~/.ssh/id_ed25519"
     python = "/opt/conda/bin/python"
     workdir = "~/link-work/project"
+    cache = "~/.cache/link-kernel/host-blobs"
 
 Loading is pure: :func:`load` reads files, it connects to nothing.
 """
@@ -53,6 +54,7 @@ class HostConfig:
     identity: str = ""
     python: str = ""
     workdir: str = ""
+    cache: str = ""
     kernel: str = ""
     ssh_config: str = ""
     known_hosts: str = ""
@@ -134,8 +136,8 @@ def save_registry(hosts: dict[str, HostConfig], path: Path | None = None) -> Pat
     body = "\n\n".join(h.to_toml() for h in sorted(hosts.values(), key=lambda h: h.alias))
     header = (
         "# Link (hybrid) hosts. Edit freely; 'link-kernel hosts add/remove' rewrite this file.\n"
-        "# Settings: transport, hostname, port, user, identity, python, workdir, kernel,\n"
-        "# ssh_config, known_hosts, standby, idle_timeout.\n\n"
+        "# Settings: transport, hostname, port, user, identity, python, workdir, cache (the\n"
+        "# host's variable cache), kernel, ssh_config, known_hosts, standby, idle_timeout.\n\n"
     )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + body + "\n")

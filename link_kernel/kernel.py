@@ -82,7 +82,7 @@ Cells without one run on the default target ({default}).
 
 def error_content(err: LinkError) -> dict[str, Any]:
     """The ename/evalue/traceback of a Link error, as the notebook shows it."""
-    ename = type(err).__name__
+    ename = err.ename or type(err).__name__
     lines = [f"\x1b[0;31m{ename}\x1b[0m: {err.message}"]
     if err.hint:
         lines.append(f"\x1b[0;36mHint\x1b[0m: {err.hint}")
@@ -121,7 +121,7 @@ class LinkKernel(Kernel):
         60.0, help="Seconds to wait for a remote kernel to start."
     ).tag(config=True)
     reach_timeout = Float(
-        5.0, help="Seconds to wait for a host to answer before it counts as unreachable."
+        3.0, help="Seconds to wait for a host to answer before it counts as unreachable."
     ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -594,7 +594,7 @@ class LinkKernel(Kernel):
         released = []
         for name in names:
             backend = self.remotes.get(name)
-            if isinstance(backend, RemoteBackend) and await backend.release():
+            if isinstance(backend, RemoteBackend) and await backend.release(standby=True):
                 released.append(name)
         text = f"released: {', '.join(released)}" if released else "no kept kernels to release"
         self.display(parent, text)

@@ -38,6 +38,7 @@ from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Instance, Unicode
 
+from .backends.local import ROUTED_KERNEL_ARGS
 from .transports import LaunchSpec, Supervisor, Transport
 
 BOOTSTRAP = (resources.files("link_kernel") / "bootstrap.py").read_text()
@@ -107,7 +108,7 @@ class LinkProvisioner(KernelProvisionerBase):
             connection_file=self._connection_file,
             agent_file=agent,
             dead_after=self.dead_after,
-            kernel_args=list(kwargs.pop("kernel_args", [])),
+            kernel_args=[*ROUTED_KERNEL_ARGS, *kwargs.pop("kernel_args", [])],
             cwd=transport.workdir,
         )
         kwargs["cmd"] = self._spec.argv("<link_kernel.bootstrap>")

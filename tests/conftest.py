@@ -22,6 +22,7 @@ for _var, _sub in (
     ("JUPYTER_DATA_DIR", "data"),
     ("JUPYTER_RUNTIME_DIR", "runtime"),
     ("IPYTHONDIR", "ipython"),
+    ("XDG_CACHE_HOME", "cache"),
 ):
     os.environ[_var] = str(ROOT / _sub)
 os.environ["JUPYTER_PATH"] = str(ROOT / "share" / "jupyter")
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from kernel_client import LinkClient, start_client  # noqa: E402
 
-pytest_plugins = ["support.fixtures"] if (Path(__file__).parent / "support" / "fixtures.py").exists() else []
+pytest_plugins = ["remote_hosts"] + (["support.fixtures"] if (Path(__file__).parent / "support" / "fixtures.py").exists() else [])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -131,7 +131,7 @@ def test_traceback_matches_plain_ipykernel():
 @pytest.mark.parametrize(
     ("code", "ename", "fragment"),
     [
-        ("# link: gpux\n1", "UnknownTargetError", "unknown host 'gpux'; known: local"),
+        ("# link: gpux\n1", "UnknownTargetError", "unknown host 'gpux'; known: "),
         ("# link:\n1", "RoutingError", "empty routing comment"),
         ("# link: local colour=red\n1", "RoutingError", "unknown option 'colour'; valid:"),
         ("# link: local timeout=soon\n1", "RoutingError", "timeout='soon'"),
@@ -170,8 +170,9 @@ def test_link_default_and_status(link):
     text = status.outputs[0]["content"]["data"]["text/plain"]
     assert re.search(r"^local\s+running\s+pid \d+", text, re.M)
     assert link.run("%link default local").stdout == "" and link.run("1").result == "1"
-    bad = link.run("%link default gpu")
-    assert bad.error["evalue"] == "unknown host 'gpu'; known: local"
+    bad = link.run("%link default nowhere")
+    assert bad.error["evalue"].startswith("unknown host 'nowhere'; known: ")
+    assert bad.error["evalue"].endswith(", local")
 
 
 def test_link_lines_run_with_the_rest_of_the_cell(link):

@@ -12,49 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from kernel_client import alive, start_client, wait_gone
+from remote_hosts import register
 
-from link_kernel import hosts
 from link_kernel.hosts import HostConfig
-
-
-def register(*configs: HostConfig) -> None:
-    known = hosts.load_registry()
-    known.update({c.alias: c for c in configs})
-    hosts.save_registry(known)
-
-
-@pytest.fixture(scope="module", params=["process", "ssh"])
-def remote(request, tmp_path_factory) -> str:
-    """Register a host of each transport; return its alias."""
-    workdir = tmp_path_factory.mktemp(f"work-{request.param}")
-    if request.param == "process":
-        register(HostConfig(alias="proc", transport="process", workdir=str(workdir)))
-        return "proc"
-    server = request.getfixturevalue("sshd")
-    register(
-        HostConfig(
-            alias="gpu",
-            transport="ssh",
-            hostname=server.host,
-            port=server.port,
-            user=server.user,
-            identity=str(server.client_key),
-            known_hosts=str(server.known_hosts),
-            ssh_config=os.devnull,
-            python=sys.executable,
-            workdir=str(workdir),
-        )
-    )
-    return "gpu"
-
-
-@pytest.fixture(scope="module")
-def link_remote(remote, tmp_path_factory):
-    client = start_client("link", cwd=str(tmp_path_factory.mktemp("notebook")))
-    yield client
-    client.shutdown()
 
 
 def test_outputs_arrive_in_order(link_remote, remote):
@@ -114,14 +75,14 @@ def test_keep_reuses_one_kernel_and_release_ends_it(link_remote, remote):
 
 
 def test_interrupt_reaches_the_remote_cell(link_remote, remote):
-    msg_id = link_remote.kc.execute(f"# link: {remote}\nimport time\ntime.sleep(60)")
+    msg_id = link_remote.kc.execute(f"# link: {remote}\nimport time\nprint('sleeping')\ntime.sleep(60)")
     deadline = time.monotonic() + 30
     while True:  # wait until the remote kernel runs the cell
         msg = link_remote.kc.get_iopub_msg(timeout=30)
-        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
             break
         assert time.monotonic() < deadline
-    time.sleep(1.0)
+    time.sleep(0.2)
     start = time.monotonic()
     link_remote.km.interrupt_kernel()
     while True:
@@ -131,6 +92,21 @@ def test_interrupt_reaches_the_remote_cell(link_remote, remote):
     assert time.monotonic() - start < 5
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     link_remote.drain_iopub()
+
+
+def test_interrupt_while_the_kernel_starts_cancels_the_cell(link_remote, remote):
+    link_remote.run(f"marker = 'local'\n%link release {remote}")  # no warm standby
+    msg_id = link_remote.kc.execute(f"# link: {remote}\nmarker = 'remote'")
+    time.sleep(0.15)
+    link_remote.km.interrupt_kernel()
+    while True:
+        reply = link_remote.kc.get_shell_msg(timeout=30)
+        if reply["parent_header"]["msg_id"] == msg_id:
+            break
+    link_remote.drain_iopub()
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert "before the cell ran" in reply["content"]["evalue"]
+    assert link_remote.run("marker").result == "'local'"
 
 
 def test_input_works_in_a_remote_cell(link_remote, remote):

@@ -31,6 +31,7 @@ import zmq
 
 from ..connection import KernelConnection
 from ..errors import (
+    CellInterrupted,
     HostUnreachableError,
     KernelDiedError,
     KernelStartError,
@@ -91,7 +92,7 @@ class RemoteBackend(Backend):
         relay: Relay,
         sync: VariableSync,
         start_timeout: float = 60.0,
-        reach_timeout: float = 5.0,
+        reach_timeout: float = 3.0,
         shutdown_wait: float = 2.0,
     ) -> None:
         self.host = host
@@ -111,6 +112,10 @@ class RemoteBackend(Backend):
         self._idle: asyncio.TimerHandle | None = None
         self._connect_lock = asyncio.Lock()
         self._pythons: dict[str, str] = {}
+        self._preparing: asyncio.Future | None = None
+        #: The next cell's kernel, booting or ready (warm standby).
+        self.standby: asyncio.Future | None = None
+        self._closing = False
         #: The hash the host can compute fastest (from its first kernel's HELLO).
         self.algo: str | None = None
         #: Notes for the cell's output (what could not come back), taken by the router.
@@ -212,13 +217,18 @@ class RemoteBackend(Backend):
         if self.kept is kernel:
             self.kept = None
 
+    def _standby_ready(self) -> bool:
+        task = self.standby
+        return task is not None and task.done() and not task.cancelled() and task.exception() is None
+
     def _ensure_keepalive(self) -> None:
         if self._keepalive is None or self._keepalive.done():
             self._keepalive = asyncio.ensure_future(self._send_keepalives())
 
     async def _send_keepalives(self) -> None:
         while True:
-            kernels = [k for k in (self.running, self.kept) if k is not None and k.alive]
+            standby = self.standby.result() if self._standby_ready() else None
+            kernels = [k for k in (self.running, self.kept, standby) if k is not None and k.alive]
             if not kernels:
                 return
             for kernel in kernels:
@@ -257,35 +267,93 @@ class RemoteBackend(Backend):
     # -- cells ------------------------------------------------------------------------
 
     async def execute(self, request: ExecuteRequest) -> Reply:
-        """Run one cell: inputs out, cell, outputs back, kernel released."""
+        """Run one cell: inputs out, cell, outputs back, kernel released.
+
+        An interrupt while the kernel runs the cell reaches the kernel; an
+        interrupt before that (connecting, starting, sending inputs) cancels
+        the cell, which then never runs.
+        """
+        self._preparing = asyncio.ensure_future(self._prepare(request))
+        try:
+            kernel, plan, inputs, keep, timings = await self._preparing
+        except asyncio.CancelledError:
+            if self._preparing is not None and self._preparing.cancelled():
+                msg = f"interrupted before the cell ran on {self.name}"
+                raise CellInterrupted(msg) from None
+            raise
+        finally:
+            self._preparing = None
+        return await self._execute(request, kernel, plan, inputs, keep, timings)
+
+    async def _prepare(self, request: ExecuteRequest):
         timings: dict[str, float] = {}
-        self.last = {}
+        self.last = {"sent": 0, "received": 0}
         kernel, self.kept = self.kept, None
         keep = request.route.keep or kernel is not None
         self._cancel_idle()
         wanted = request.route.kernel or self.host.kernel
-        if kernel is not None and kernel.kernel_name != wanted:
+        if kernel is not None and (kernel.kernel_name != wanted or not kernel.alive):
             await self._release(kernel)
-            kernel = None
+            kernel, keep = None, request.route.keep
         plan = Plan.of(request.code, request.route)
-        booting = None
-        if kernel is None or not kernel.alive:
-            booting = asyncio.ensure_future(self.start_kernel(timings, wanted))
+        fresh = None
+        if kernel is None:
+            fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings))
             if self.algo is None:  # the first kernel tells which hashes the host has
-                kernel = await booting
+                kernel = await fresh
         try:
             t0 = time.perf_counter()
             inputs = await self.sync.export(plan, self.algo or "sha256")
             await self._push(inputs)
             timings["inputs"] = time.perf_counter() - t0
-            if booting is not None:
-                kernel = await booting
+            if fresh is not None:
+                kernel = await fresh
         except BaseException:
-            if booting is not None:
-                kernel = await _settled(booting)
-            if kernel is not None:
-                await self._release(kernel)
+            if fresh is None:
+                self.kept = kernel  # a kept kernel stays kept
+            else:
+                fresh.cancel()
+                unused = await _settled(fresh)
+                if unused is not None:  # it ran nothing: it can wait for the next cell
+                    self._offer_standby(unused)
             raise
+        return kernel, plan, inputs, keep, timings
+
+    async def _fresh_kernel(self, wanted: str, timings: dict[str, float]) -> RemoteKernel:
+        """The warm standby if it suits, else a kernel started now."""
+        task, self.standby = self.standby, None
+        if task is not None:
+            kernel = await _settled(task)
+            if kernel is not None and kernel.alive and kernel.kernel_name == wanted:
+                timings["standby"] = 1.0
+                return kernel
+            if kernel is not None:
+                asyncio.ensure_future(self._release(kernel))
+        return await self.start_kernel(timings, wanted)
+
+    def _start_standby(self) -> None:
+        """Boot the next cell's kernel in the background (warm standby)."""
+        if self.host.standby and self.standby is None and not self._closing:
+            self.standby = asyncio.ensure_future(self.start_kernel({}, self.host.kernel))
+            self.standby.add_done_callback(self._standby_done)
+
+    def _offer_standby(self, kernel: RemoteKernel) -> None:
+        if self.standby is None and kernel.alive and not self._closing:
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            fut.set_result(kernel)
+            self.standby = fut
+        else:
+            asyncio.ensure_future(self._release(kernel))
+
+    def _standby_done(self, task: asyncio.Future) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("the standby kernel on %s did not start: %s", self.name, task.exception())
+            if self.standby is task:
+                self.standby = None
+
+    async def _execute(self, request, kernel, plan, inputs, keep, timings) -> Reply:
         self.running = kernel
         outputs = None
         try:
@@ -296,9 +364,9 @@ class RemoteBackend(Backend):
             releasing = None
             if keep and kernel.alive:
                 self.kept = kernel
-                self._schedule_idle()
             else:
                 releasing = asyncio.ensure_future(self._timed_release(kernel, timings))
+            self._schedule_idle()
             try:
                 if outputs is not None:
                     t1 = time.perf_counter()
@@ -307,6 +375,7 @@ class RemoteBackend(Backend):
             finally:
                 if releasing is not None:
                     await releasing
+                    self._start_standby()
                 self.last["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return Reply(content=reply["content"], metadata=reply.get("metadata") or {})
 
@@ -354,12 +423,16 @@ class RemoteBackend(Backend):
         missing = await transport.missing_blobs(ids)
         if missing:
             await transport.push_blobs(str(self.sync.store), missing)
+        sizes = {v["id"]: v["size"] for v in inputs.values.values()}
+        self.last["sent"] = sum(sizes[i] for i in missing)
 
     async def _bring_back(self, outputs: Outputs, request: ExecuteRequest) -> None:
         """Pull the outputs' blobs, then apply them locally all at once."""
         missing = self.sync.missing_locally(outputs)
         if missing:
             await self._transport().pull_blobs(missing, str(self.sync.store))
+        sizes = {v["id"]: v["size"] for v in outputs.values.values()}
+        self.last["received"] = sum(sizes[i] for i in missing)
         failures = await self.sync.apply(outputs)
         notes = [
             f"{name} ({error['type']}): {error['reason']}" for name, error in outputs.errors.items()
@@ -379,22 +452,33 @@ class RemoteBackend(Backend):
         kernel = self.running
         if kernel is not None and kernel.alive:
             kernel.supervisor.signal("INT")
+        elif self._preparing is not None:
+            self._preparing.cancel()
 
-    async def release(self) -> bool:
-        """End the kept kernel, if any; True if there was one."""
+    async def release(self, *, standby: bool = False) -> bool:
+        """End the kept kernel (and the standby, if asked); True if a kernel ended."""
         self._cancel_idle()
+        kernels = []
         kernel, self.kept = self.kept, None
-        if kernel is None:
-            return False
-        await self._release(kernel)
-        return True
+        if kernel is not None:
+            kernels.append(kernel)
+        if standby and self.standby is not None:
+            task, self.standby = self.standby, None
+            task.cancel()
+            spare = await _settled(task)
+            if spare is not None:
+                kernels.append(spare)
+        for each in kernels:
+            await self._release(each)
+        return kernel is not None
 
     def _schedule_idle(self) -> None:
         self._cancel_idle()
         if self.host.idle_timeout > 0:
             loop = asyncio.get_running_loop()
             self._idle = loop.call_later(
-                self.host.idle_timeout, lambda: asyncio.ensure_future(self.release())
+                self.host.idle_timeout,
+                lambda: asyncio.ensure_future(self.release(standby=True)),
             )
 
     def _cancel_idle(self) -> None:
@@ -403,11 +487,11 @@ class RemoteBackend(Backend):
             self._idle = None
 
     async def shutdown(self, *, restart: bool = False) -> None:
-        for kernel in (self.running, self.kept):
-            if kernel is not None:
-                await self._release(kernel)
-        self.running = self.kept = None
-        self._cancel_idle()
+        self._closing = True
+        await self.release(standby=True)
+        if self.running is not None:
+            await self._release(self.running)
+            self.running = None
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self.transport is not None:
@@ -415,12 +499,17 @@ class RemoteBackend(Backend):
             self.transport = None
 
     def status(self) -> dict[str, Any]:
+        states = []
         if self.kept is not None and self.kept.alive:
-            state = f"kept kernel pid {self.kept.pid}"
-        elif self.transport is not None and self.transport.connected:
-            state = "connected"
-        else:
-            state = "not connected"
+            states.append(f"kept kernel pid {self.kept.pid}")
+        if self._standby_ready():
+            states.append(f"standby kernel pid {self.standby.result().pid}")
+        elif self.standby is not None:
+            states.append("standby kernel starting")
+        if not states:
+            connected = self.transport is not None and self.transport.connected
+            states.append("connected" if connected else "not connected")
+        state = ", ".join(states)
         detail = self.host.summary()
         if self.last.get("timings"):
             parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.last["timings"].items())

@@ -23,26 +23,37 @@ dropped by the caller); a missing one would fail the remote cell with
 NameError. So:
 
 - ``x += 1``, ``x.attr = v``, ``x[i] = v``, ``del x.attr`` read ``x``;
-- ``del x`` reads ``x`` too: the remote ``del`` needs the name to exist;
+- ``del x`` reads ``x`` too: the remote ``del`` needs the name to exist, though
+  not its value. Such names are also in ``placeholders``: the caller may bind
+  any stand-in object to them on the host instead of sending their value;
 - ``get_ipython``, which the transformers write into the code, is not a read
   unless the cell itself names it.
 
-Binds are the names whose value after the cell must be fetched from the
+Binds are the names whose state after the cell must be looked up in the
 remote namespace: every name the cell may bind at module level (assignment,
 augmented and annotated assignment with a value, ``def``, ``class``, imports,
-``for``/``with``/walrus targets, match captures, ``x = !cmd``), names a
+``for``/``with``/walrus targets, match captures, ``x = !cmd``), names that a
 function or class of the cell declares ``global`` and binds or deletes, and
-names the cell may delete (``del`` inside a block). A name in ``binds`` may be
-absent from the remote namespace afterwards: if the cell read it (it was
-sent), the cell deleted it; if not, the branch that binds it did not run and
-the local value stands.
+names the cell may delete but does not delete for certain (a ``del`` in a
+block, a ``del`` followed by a binding in a block, the end of an
+``except E as e`` handler, which deletes ``e`` as Python does). Every such
+maybe-deleted name is also a read (and a placeholder, unless the cell loads
+its value), even where the cell bound it first, so the caller can read the
+remote namespace after the cell without ambiguity:
+
+- a name of ``binds`` that is present: fetch it, unless it is still the
+  placeholder (the cell left it alone);
+- absent, and it was sent (or a placeholder was): the cell deleted it; delete
+  it locally;
+- absent, and not sent: the cell did not bind it on the path it took; the
+  local value, if any, stands.
 
 Deletes are the names the cell leaves deleted for certain: deleted by a
-top-level ``del`` with no later binding or block-level deletion of the name.
-A name is never in both ``binds`` and ``deletes``.
+top-level ``del`` that no later statement may undo. The caller deletes them
+locally without looking. A name is never in both ``binds`` and ``deletes``.
 
-``except E as e`` binds ``e`` only while the handler runs (Python deletes it
-at the end of the handler), so it is in neither set by itself.
+All three describe a cell that runs to its end. After a cell that raised, a
+``del`` may not have run: look ``deletes`` up as ``binds`` are.
 
 ``from m import *`` binds names no parser can know: ``star_import`` is True and
 the caller should compare namespaces instead.
@@ -62,9 +73,8 @@ Limits: other magics are opaque (``%run`` and ``%store -r`` bind names that are
 not seen; cell magics such as ``%%bash`` have no Python body); options of
 ``%time``/``%timeit``/``%prun`` are recognised only before the code; names
 reached dynamically (``globals()``, ``eval``, ``exec``, ``vars()``) are not
-seen; annotations count as reads even where Python does not evaluate them;
-a pre-existing variable named like an ``except ... as`` target is not
-reported deleted though Python deletes it when the handler runs.
+seen; annotations count as reads even where Python does not evaluate them
+(``from __future__ import annotations``, local variable annotations).
 """
 
 from __future__ import annotations
@@ -74,7 +84,7 @@ import re
 import string
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -93,6 +103,9 @@ class Names:
     deletes: frozenset[str]
     #: True when the cell runs ``from m import *``: it binds names not in ``binds``.
     star_import: bool = False
+    #: Reads whose value the cell never uses: it only deletes them (or may), so they
+    #: must exist before the cell, but any stand-in object will do.
+    placeholders: frozenset[str] = frozenset()
 
 
 def analyze(code: str) -> Names:
@@ -107,9 +120,7 @@ def analyze(code: str) -> Names:
     tree = _Parser(TransformerManager()).parse(code)
     names = _Analyzer().module(tree.body)
     if _IPYTHON_NAME in names.reads and not re.search(r"\bget_ipython\b", code):
-        names = Names(
-            names.reads - {_IPYTHON_NAME}, names.binds, names.deletes, names.star_import
-        )
+        names = replace(names, reads=names.reads - {_IPYTHON_NAME})
     return names
 
 
@@ -159,7 +170,8 @@ class _Parser:
     def parse(self, cell: str) -> ast.Module:
         """Parse one cell; raise SyntaxError if it is not Python after transformation."""
         with warnings.catch_warnings():
-            # SyntaxWarnings (invalid escapes, `is` with a literal) are the kernel's to show.
+            # SyntaxWarnings (invalid escapes, `is` with a literal) are the kernel's to
+            # show. catch_warnings swaps the process's filters: parse on one thread.
             warnings.simplefilter("ignore")
             source = self._transformer.transform_cell(cell)
             tree = ast.parse(source, "<cell>", "exec")
@@ -210,7 +222,7 @@ class _Parser:
             return self._timeit(*parsed, "") if parsed else []
         if name in _PINFO:
             match = _DOTTED.match(line)
-            return [_load(match.group(1))] if match else []
+            return [_load_stmt(match.group(1))] if match else []
         return _expansions(line)
 
     def _cell_magic(self, name: str, line: str, cell: str) -> list[ast.stmt]:
@@ -226,7 +238,7 @@ class _Parser:
             rest = _strip_flags(line, _CAPTURE_FLAGS).split()
             stmts = self._code(cell)
             if rest and rest[0].isidentifier():
-                stmts.append(_bind(rest[0]))
+                stmts.append(_bind_stmt(rest[0]))
             return stmts
         return _expansions(line)
 
@@ -234,7 +246,7 @@ class _Parser:
         stmts: list[ast.stmt] = [_Isolated(body=self._code(setup) + self._code(cell))]
         saved = options.get("v", "")
         if saved.isidentifier():
-            stmts.append(_bind(saved))
+            stmts.append(_bind_stmt(saved))
         return stmts
 
 
@@ -296,7 +308,7 @@ def _strip_options(line: str, spec: str) -> tuple[dict[str, str], str] | None:
 
 def _expansions(text: str) -> list[ast.stmt]:
     """Loads of what IPython expands in ``text``: ``$name`` and ``{expression}``."""
-    stmts: list[ast.stmt] = [_load(name) for name in _DOLLAR.findall(text)]
+    stmts: list[ast.stmt] = [_load_stmt(name) for name in _DOLLAR.findall(text)]
     try:
         fields = [field for _, field, _, _ in string.Formatter().parse(text) if field]
     except ValueError:
@@ -312,11 +324,11 @@ def _expansions(text: str) -> list[ast.stmt]:
     return stmts
 
 
-def _load(name: str) -> ast.stmt:
+def _load_stmt(name: str) -> ast.stmt:
     return ast.Expr(ast.Name(name, ast.Load()))
 
 
-def _bind(name: str) -> ast.stmt:
+def _bind_stmt(name: str) -> ast.stmt:
     return ast.Assign([ast.Name(name, ast.Store())], ast.Constant(None))
 
 
@@ -480,6 +492,8 @@ class _Analyzer:
 
     def __init__(self) -> None:
         self._reads: set[str] = set()
+        #: Module names whose old value the cell never loads, but which ``del`` needs.
+        self._exists: set[str] = set()
         #: Last module-level event per name: "bind" (may be bound or deleted) or "delete".
         self._final: dict[str, str] = {}
         #: Module names bound or deleted by functions and classes (whenever they run).
@@ -494,20 +508,28 @@ class _Analyzer:
         deletes = {n for n, event in self._final.items() if event == "delete"} - binds
         # A name that may end deleted is sent, so that the caller can tell
         # "deleted by the cell" (sent, now absent) from "not bound on this path".
-        reads = self._reads
-        return Names(frozenset(reads), frozenset(binds), frozenset(deletes), self._star_import)
+        exists = self._exists | (self._deleted & binds)
+        return Names(
+            reads=frozenset(self._reads | exists),
+            binds=frozenset(binds),
+            deletes=frozenset(deletes),
+            star_import=self._star_import,
+            placeholders=frozenset(exists - self._reads),
+        )
 
     # Names --------------------------------------------------------------------------
 
-    def _load(self, name: str, ctx: _Ctx, flow: _Flow) -> None:
+    def _load(self, name: str, ctx: _Ctx, flow: _Flow, *, value: bool = True) -> None:
+        """A load of ``name``; ``value`` is False where only its existence matters."""
         scope = ctx.scope
         if scope.kind == "module":
-            if name not in flow:
-                self._reads.add(name)
+            old = name not in flow
         elif scope.kind == "class" and name in flow:
-            return
-        elif scope.refers_to_module(name) and name not in ctx.before:
-            self._reads.add(name)
+            old = False
+        else:
+            old = scope.refers_to_module(name) and name not in ctx.before
+        if old:
+            (self._reads if value else self._exists).add(name)
 
     def _store(self, name: str, ctx: _Ctx, flow: _Flow) -> None:
         scope = ctx.scope
@@ -522,15 +544,15 @@ class _Analyzer:
     def _delete(self, name: str, ctx: _Ctx, flow: _Flow, *, implicit: bool = False) -> None:
         """``del name``; ``implicit`` for the deletion that ends an ``except ... as name``."""
         scope = ctx.scope
-        if not implicit:
-            self._load(name, ctx, flow)  # `del x` fails if x does not exist
+        if scope.kind == "module" or name in scope.globals:
+            if not implicit:
+                self._load(name, ctx, flow, value=False)  # `del x` fails if x does not exist
+            self._deleted.add(name)
         if scope.kind == "module":
             self._final[name] = "delete" if ctx.depth == 0 else "bind"
-            self._deleted.add(name)
             flow.add(name)
         elif name in scope.globals:
             self._nested.add(name)
-            self._deleted.add(name)
         elif scope.kind == "class":
             flow.discard(name)
 
@@ -538,8 +560,7 @@ class _Analyzer:
         """``name := ...``: binds in the nearest scope that is not a comprehension."""
         scope = ctx.scope
         while scope.kind == "comprehension" and scope.parent is not None:
-            scope = scope.parent
-            acc = None  # a comprehension may run no iteration
+            scope = scope.parent  # ``acc`` is None there: a comprehension may not run
         if scope.kind == "module":
             self._final[name] = "bind"
         elif name in scope.globals:
@@ -660,7 +681,7 @@ class _Analyzer:
         live = [branch for branch, reachable in outcomes if reachable]
         if not live:
             return False
-        joined = set.intersection(*live)
+        joined = set.union(*live)
         flow.clear()
         flow.update(joined)
         return True

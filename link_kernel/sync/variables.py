@@ -51,18 +51,22 @@ class Plan:
 
     reads: list[str]
     outputs: list[str] | None  # None: whatever the cell binds, rebinds or changes
+    explicit: bool = False  # the reads were named with in=
 
     @classmethod
     def of(cls, code: str, route: Route) -> Plan:
         if route.inputs is not None:
-            reads = list(route.inputs)
+            return cls(reads=list(route.inputs), outputs=_outputs(route), explicit=True)
         else:
             try:
                 reads = sorted(analyze(code).reads)
             except SyntaxError:
                 reads = []  # the remote kernel reports the syntax error itself
-        outputs = list(route.outputs) if route.outputs is not None else None
-        return cls(reads=reads, outputs=outputs)
+        return cls(reads=reads, outputs=_outputs(route))
+
+
+def _outputs(route: Route) -> list[str] | None:
+    return list(route.outputs) if route.outputs is not None else None
 
 
 @dataclass
@@ -132,6 +136,13 @@ class VariableSync:
             code, {"manifest": "__import__('sys').modules['__link_agent__']._last_export"}
         )
         manifest = json.loads(ast.literal_eval(result["manifest"]))
+        missing = [n for n in manifest["missing"] if n in plan.reads] if plan.explicit else []
+        if missing:
+            names = ", ".join(repr(n) for n in missing)
+            raise SyncError(
+                f"in= names {names}, not defined in the local namespace",
+                hint="Define it first, or leave it out of in=.",
+            )
         for name, error in manifest["errors"].items():
             raise SerializationError(
                 name,

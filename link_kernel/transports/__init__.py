@@ -52,6 +52,7 @@ class LaunchSpec:
             self.python,
             "-c",
             source,
+            self.cwd or "",
             self.connection_file,
             self.agent_file,
             f"{self.dead_after:g}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..hosts import HostConfig, default_workdir
 from . import Transport
 
@@ -12,7 +14,9 @@ def make_transport(host: HostConfig, local_dir: str) -> Transport:
     if host.transport == "process":
         from .process import ProcessTransport
 
-        return ProcessTransport(host.alias, workdir)
+        transport = ProcessTransport(host.alias, workdir)
+        transport.blob_dir = os.path.expanduser(host.cache) if host.cache else ""
+        return transport
     from .ssh import SSHTransport
 
     return SSHTransport(host, workdir)

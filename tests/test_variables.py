@@ -1,0 +1,126 @@
+"""Variables travel between the local kernel and remote cells, on process and ssh hosts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+DIGEST = (
+    "__import__('hashlib').sha256(repr(sorted((k, id(v), repr(v)) for k, v in globals().items() "
+    "if not k.startswith('_') and k not in ('In', 'Out', 'exit', 'quit', 'get_ipython', 'open')"
+    ")).encode()).hexdigest()"
+)
+
+
+def digest(client) -> str:
+    return client.run(DIGEST).result
+
+
+def test_a_realistic_flow(link_remote, remote):
+    setup = link_remote.run(
+        "import numpy as np, pandas as pd\n"
+        "rng = np.random.default_rng(0)\n"
+        "X = rng.normal(size=(200, 3))\n"
+        "df = pd.DataFrame(X, columns=['a', 'b', 'c'])\n"
+        "df['y'] = 2 * df.a - df.b + 0.5\n"
+        "def features(frame):\n"
+        "    return frame[COLUMNS].to_numpy()\n"
+        "COLUMNS = ['a', 'b']\n"
+        "class LinearModel:\n"
+        "    def __init__(self):\n"
+        "        self.coef = None\n"
+        "    def fit(self, x, y):\n"
+        "        design = np.column_stack([x, np.ones(len(x))])\n"
+        "        self.coef, *_ = np.linalg.lstsq(design, y, rcond=None)\n"
+        "        return self\n"
+        "    def predict(self, x):\n"
+        "        return np.column_stack([x, np.ones(len(x))]) @ self.coef\n"
+        "model = LinearModel()\n"
+    )
+    assert setup.status == "ok"
+    remote_cell = link_remote.run(
+        f"# link: {remote}\n"
+        "model.fit(features(df), df.y)\n"
+        "predictions = model.predict(features(df))\n"
+        "error = float(np.abs(predictions - df.y).max())\n"
+        "print(f'max error {error:.2e}')"
+    )
+    assert remote_cell.status == "ok", remote_cell.text
+    assert remote_cell.stdout.startswith("max error")
+    back = link_remote.run("(model.coef.round(6).tolist(), error < 1e-9, predictions.shape, type(model).__name__)")
+    assert eval(back.result) == ([2.0, -1.0, 0.5], True, (200,), "LinearModel")
+    assert link_remote.run("model.predict(np.array([[1.0, 1.0]]))[0].round(6)").result == "np.float64(1.5)"
+
+
+def test_in_place_mutation_comes_back(link_remote, remote):
+    link_remote.run("import numpy as np\nbuf = np.zeros(4)\nitems = [1]\nunchanged = {'k': 1}")
+    result = link_remote.run(f"# link: {remote}\nbuf[2] = 7\nitems.append(2)\nsum(unchanged.values())")
+    assert result.result == "1"
+    assert link_remote.run("(buf.tolist(), items, unchanged)").result == "([0.0, 0.0, 7.0, 0.0], [1, 2], {'k': 1})"
+
+
+def test_del_propagates(link_remote, remote):
+    link_remote.run("doomed = 1\nkept = 2")
+    assert link_remote.run(f"# link: {remote}\ndel doomed").status == "ok"
+    assert link_remote.run("('doomed' in globals(), kept)").result == "(False, 2)"
+
+
+@pytest.mark.parametrize(
+    ("setup", "name", "type_name", "reason"),
+    [
+        ("import threading\nthing = threading.Lock()", "thing", "_thread.lock", "a lock belongs to the process"),
+        ("thing = open(__import__('os').devnull)", "thing", "_io.TextIOWrapper", "belongs to the process"),
+        ("thing = (i for i in range(3))", "thing", "generator", "a generator's position cannot be sent"),
+    ],
+)
+def test_unserializable_inputs_are_refused_before_the_cell_runs(link_remote, remote, setup, name, type_name, reason):
+    link_remote.run(setup + "\nsentinel = 'before'")
+    before = digest(link_remote)
+    result = link_remote.run(f"# link: {remote}\nsentinel = 'ran'\nprint({name})")
+    assert result.status == "error"
+    assert [m["msg_type"] for m in result.outputs] == ["error"]
+    error = result.error
+    assert error["ename"] == "SerializationError"
+    assert f"variable {name!r} ({type_name}) cannot be sent" in error["evalue"]
+    assert reason in error["evalue"]
+    assert "in=" in "".join(error["traceback"])
+    assert digest(link_remote) == before
+    assert link_remote.run("sentinel").result == "'before'"
+
+
+def test_outputs_that_cannot_come_back_are_named_and_the_rest_arrive(link_remote, remote):
+    result = link_remote.run(f"# link: {remote}\nimport threading\nmade_lock = threading.Lock()\nmade_value = 5")
+    assert result.status == "ok"
+    assert "made_lock (_thread.lock): a lock belongs to the process" in result.stderr
+    assert link_remote.run("(made_value, 'made_lock' in globals())").result == "(5, False)"
+
+
+def test_in_and_out_override_detection(link_remote, remote):
+    link_remote.run("p = 1\nq = 2")
+    result = link_remote.run(f"# link: {remote} in=p out=r\nr = p + 10\ns = 'not wanted'\nq_seen = 'q' in globals()")
+    assert result.status == "ok"
+    assert link_remote.run("(r, 's' in globals(), 'q_seen' in globals())").result == "(11, False, False)"
+    missing = link_remote.run(f"# link: {remote} in=nope\n1")
+    assert missing.status == "error"
+
+
+def test_a_failing_cell_changes_nothing_locally(link_remote, remote):
+    link_remote.run("counter = [0]")
+    before = digest(link_remote)
+    result = link_remote.run(f"# link: {remote}\ncounter.append(1)\nfresh = 1\nraise RuntimeError('boom')")
+    assert result.error["ename"] == "RuntimeError"
+    assert digest(link_remote) == before
+
+
+def test_unchanged_inputs_are_not_sent_again(link_remote, remote):
+    link_remote.run("import numpy as np\nbig = np.arange(2**20, dtype=np.float64)")
+    first = link_remote.run(f"# link: {remote}\ntotal = float(big.sum())")
+    second = link_remote.run(f"# link: {remote}\ntotal = float(big.sum())")
+    assert link_remote.run("total").result == str(float(sum(range(2**20))))
+    assert first.reply["metadata"]["link"]["sent"] > 2**23
+    assert second.reply["metadata"]["link"]["sent"] == 0
