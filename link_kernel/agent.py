@@ -295,12 +295,15 @@ def trim_store(store: str, cap: int) -> None:
 # -- names ---------------------------------------------------------------------------
 
 
+_MISSING = object()
+
+
 def _is_user_name(shell, name: str) -> bool:
-    return (
-        not name.startswith("__")
-        and name not in getattr(shell, "user_ns_hidden", {})
-        and not _IPYTHON_NAMES.fullmatch(name)
-    )
+    """A name the user bound, not one IPython put there (In, Out, _i3, open...)."""
+    if name.startswith("__") or _IPYTHON_NAMES.fullmatch(name):
+        return False
+    hidden = getattr(shell, "user_ns_hidden", {}).get(name, _MISSING)
+    return hidden is _MISSING or shell.user_ns.get(name, _MISSING) is not hidden
 
 
 def _type_name(value) -> str:
@@ -350,7 +353,7 @@ def export(shell, names: list, store: str, algo: str) -> str:
     seen = set(todo)
     while todo:
         name = todo.pop(0)
-        if name not in ns:
+        if name not in ns or not _is_user_name(shell, name):
             manifest["missing"].append(name)
             continue
         value = ns[name]
@@ -438,6 +441,7 @@ class Cell:
         self.placeholders = list(instructions.get("placeholders") or [])
         self.outputs = instructions.get("outputs")
         self.cap = int(instructions.get("cap") or 0)
+        self.scan = instructions.get("scan")
         self.before: dict = {}
 
     def load(self) -> None:
@@ -548,15 +552,22 @@ def _wrap_execute(shell, kernel, original):
         loaded = time.perf_counter() - started
         result = await _call(original, stream, ident, parent)
         last = getattr(shell, "last_execution_result", None)
-        if last is not None and last.success and instructions.get("store"):
-            started = time.perf_counter()
+        succeeded = last is not None and last.success
+        content: dict = {"succeeded": succeeded}
+        started = time.perf_counter()
+        if succeeded and instructions.get("store"):
             try:
-                content = cell.result()
+                content.update(cell.result())
             except Exception as exc:
-                content = {"values": {}, "modules": {}, "deleted": [], "errors": {
-                    "*": {"type": "", "reason": _reason(exc)}}}
-            content["timings"] = {"load": loaded, "save": time.perf_counter() - started}
-            kernel.session.send(kernel.iopub_socket, "link_result", content, parent=parent)
+                content["errors"] = {"*": {"type": "", "reason": _reason(exc)}}
+        if cell.scan:  # files come back whether or not the cell succeeded
+            scan = globals().get("scan_tree")
+            try:
+                content["files"] = scan(cell.scan["root"], cell.scan.get("prune", ()))
+            except Exception as exc:
+                content["files_error"] = _reason(exc)
+        content["timings"] = {"load": loaded, "save": time.perf_counter() - started}
+        kernel.session.send(kernel.iopub_socket, "link_result", content, parent=parent)
         return result
 
     execute_request.__wrapped__ = original

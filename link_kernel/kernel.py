@@ -45,6 +45,7 @@ from .backends.remote import RemoteBackend
 from .connection import delim_index, header_of
 from .errors import ConnectionLostError, HostUnreachableError, LinkError
 from .hosts import HostConfig
+from .sync.files import Ignore, Journal
 from .sync.variables import VariableSync
 from .relay import Relay
 
@@ -138,6 +139,7 @@ class LinkKernel(Kernel):
         )
         self.remotes: dict[str, RemoteBackend] = {}
         self.sync = VariableSync(self.local)
+        self.journal: Journal | None = None
         self._raw: dict[str, tuple[list, int]] = {}
         self._active: Backend | None = None
         self._echoed = ""
@@ -183,6 +185,9 @@ class LinkKernel(Kernel):
         for backend, result in zip(backends, results):
             if isinstance(result, BaseException):
                 self.log.error("shutting down %s failed: %r", backend.name, result)
+        if self.journal is not None:
+            self.journal.stop()
+            self.journal = None
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
@@ -488,11 +493,20 @@ class LinkKernel(Kernel):
                 context=self.shell_stream.socket.context,
                 relay=self.relay,
                 sync=self.sync,
+                journal=self._journal(),
                 start_timeout=self.remote_start_timeout,
                 reach_timeout=self.reach_timeout,
             )
             self.remotes[target] = backend
         return backend
+
+    def _journal(self) -> Journal:
+        """The change journal of the notebook folder, started on first use."""
+        if self.journal is None:
+            root = os.getcwd()
+            self.journal = Journal(root, Ignore(root))
+            self.journal.start()
+        return self.journal
 
     def hosts(self) -> dict[str, HostConfig]:
         """Known hosts, read afresh so 'link-kernel hosts add' needs no restart."""
@@ -602,7 +616,25 @@ class LinkKernel(Kernel):
     async def command_sync(self, parent: dict, alias: str | None = None) -> None:
         if alias is not None:
             routing.resolve((alias,), self.known_targets())
-        self.display(parent, "no host to sync with")
+            if alias == routing.LOCAL:
+                raise LinkError("the local kernel works in the notebook folder: nothing to sync")
+        names = [alias] if alias is not None else list(self.remotes)
+        if not names:
+            self.display(parent, "no host to sync with yet: run a cell on one, or name it")
+            return
+        lines = []
+        for name in names:
+            backend = self.backend(name)
+            report = await backend.sync_files()
+            for note in backend.notes:
+                self._note(parent, note)
+            backend.notes.clear()
+            lines.append(
+                f"{name}: {len(report.uploaded)} sent, {len(report.downloaded)} received, "
+                f"{len(report.deleted_local) + len(report.deleted_remote)} deleted, "
+                f"{len(report.conflicts)} conflicts"
+            )
+        self.display(parent, "\n".join(lines))
 
 
 def _bytes(frame: Any) -> bytes:

@@ -39,10 +39,15 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Instance, Unicode
 
 from .backends.local import ROUTED_KERNEL_ARGS
+from .sync.files import SCAN_SOURCE
 from .transports import LaunchSpec, Supervisor, Transport
 
 BOOTSTRAP = (resources.files("link_kernel") / "bootstrap.py").read_text()
-AGENT = (resources.files("link_kernel") / "agent.py").read_text()
+AGENT = (
+    (resources.files("link_kernel") / "agent.py").read_text()
+    + "\n\n# link_kernel.sync.files.scan_tree, for the file sync\n"
+    + SCAN_SOURCE
+)
 AGENT_NAME = f"agent-{hashlib.sha256(AGENT.encode()).hexdigest()[:12]}.py"
 PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _SIGNALS = {signal.SIGINT: "INT", signal.SIGTERM: "TERM", signal.SIGKILL: "KILL"}

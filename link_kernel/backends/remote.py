@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -41,7 +43,8 @@ from ..errors import (
 from ..hosts import HostConfig
 from ..provisioner import LinkProvisioner, python_spec
 from ..relay import Relay
-from ..sync.variables import Inputs, Outputs, Plan, VariableSync
+from ..sync.files import FileSync, Journal, SyncReport
+from ..sync.variables import Inputs, Outputs, Plan, VariableSync, default_store
 from ..transports import Transport
 from ..transports.factory import make_transport
 from . import Backend, ExecuteRequest, Reply
@@ -60,7 +63,7 @@ class ShutdownStep(enum.Enum):
     DIED = "died on its own"
 
 
-@dataclass
+@dataclass(eq=False)
 class RemoteKernel:
     """One started kernel on a host."""
 
@@ -91,6 +94,7 @@ class RemoteBackend(Backend):
         context: zmq.Context,
         relay: Relay,
         sync: VariableSync,
+        journal: Journal | None = None,
         start_timeout: float = 60.0,
         reach_timeout: float = 3.0,
         shutdown_wait: float = 2.0,
@@ -101,6 +105,8 @@ class RemoteBackend(Backend):
         self.context = context
         self.relay = relay
         self.sync = sync
+        self.journal = journal
+        self.files: FileSync | None = None
         self.start_timeout = start_timeout
         self.reach_timeout = reach_timeout
         self.shutdown_wait = shutdown_wait
@@ -112,6 +118,8 @@ class RemoteBackend(Backend):
         self._idle: asyncio.TimerHandle | None = None
         self._connect_lock = asyncio.Lock()
         self._pythons: dict[str, str] = {}
+        #: Every started kernel not yet gone: each gets keepalives.
+        self._live: set[RemoteKernel] = set()
         self._preparing: asyncio.Future | None = None
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
@@ -196,6 +204,7 @@ class RemoteBackend(Backend):
             modules = supervisor.hello.result().get("modules", {})
             self.algo = "xxh3" if "xxhash" in modules else "sha256"
         supervisor.exited.add_done_callback(lambda fut, k=kernel: self._on_exit(k, fut))
+        self._live.add(kernel)
         self._ensure_keepalive()
         t2 = time.perf_counter()
         try:
@@ -214,6 +223,7 @@ class RemoteBackend(Backend):
         else:
             desc = exit_description(status)
         kernel.conn.close(KernelDiedError(f"the kernel on {self.name} died ({desc})"))
+        self._live.discard(kernel)
         if self.kept is kernel:
             self.kept = None
 
@@ -227,8 +237,7 @@ class RemoteBackend(Backend):
 
     async def _send_keepalives(self) -> None:
         while True:
-            standby = self.standby.result() if self._standby_ready() else None
-            kernels = [k for k in (self.running, self.kept, standby) if k is not None and k.alive]
+            kernels = [k for k in self._live if k.alive]
             if not kernels:
                 return
             for kernel in kernels:
@@ -306,6 +315,10 @@ class RemoteBackend(Backend):
             inputs = await self.sync.export(plan, self.algo or "sha256")
             await self._push(inputs)
             timings["inputs"] = time.perf_counter() - t0
+            if request.route.files and self.journal is not None:
+                t1 = time.perf_counter()
+                await self.push_files()
+                timings["files out"] = time.perf_counter() - t1
             if fresh is not None:
                 kernel = await fresh
         except BaseException:
@@ -394,7 +407,10 @@ class RemoteBackend(Backend):
         conn.on_iopub = on_iopub
         conn.on_stdin = self.relay.on_stdin_request
         link = {"count": request.execution_count}
-        link.update(self.sync.instructions(inputs, plan, self._transport().blob_dir, self.algo))
+        transport = self._transport()
+        link.update(self.sync.instructions(inputs, plan, transport.blob_dir, self.algo))
+        if request.route.files and self.journal is not None:
+            link["scan"] = {"root": transport.workdir, "prune": self._filesync().ignore.prune_dirs()}
         metadata = {**request.msg.get("metadata", {}), "link": link}
         t0 = time.perf_counter()
         pending = conn.send(
@@ -427,6 +443,18 @@ class RemoteBackend(Backend):
         self.last["sent"] = sum(sizes[i] for i in missing)
 
     async def _bring_back(self, outputs: Outputs, request: ExecuteRequest) -> None:
+        """Files and variables back, side by side (they use separate channels)."""
+        tasks = [self._bring_back_variables(outputs)]
+        if outputs.files is not None:
+            tasks.append(self.pull_files(outputs.files))
+        elif outputs.files_error:
+            self.notes.append(f"[link] files not synced from {self.name}: {outputs.files_error}\n")
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _bring_back_variables(self, outputs: Outputs) -> None:
         """Pull the outputs' blobs, then apply them locally all at once."""
         missing = self.sync.missing_locally(outputs)
         if missing:
@@ -442,6 +470,48 @@ class RemoteBackend(Backend):
             self.notes.append(
                 "[link] not brought back from " + self.name + ":\n  " + "\n  ".join(notes) + "\n"
             )
+
+    # -- files --------------------------------------------------------------------
+
+    def _filesync(self) -> FileSync:
+        if self.files is None:
+            state = files_state_path(self.name, self.local_dir, self.host.workdir)
+            self.files = FileSync(self.local_dir, self.name, state, journal=self.journal)
+        return self.files
+
+    async def push_files(self) -> SyncReport:
+        """Push local changes to the host's work directory."""
+        transport = self._transport()
+        await transport.prepare()
+        fs = await transport.filesystem()
+        report = await self._filesync().push(fs, transport.workdir, None)
+        self._file_notes(report)
+        return report
+
+    async def pull_files(self, remote_now: dict[str, list]) -> SyncReport:
+        """Bring back what changed on the host, given the host's own scan."""
+        transport = self._transport()
+        fs = await transport.filesystem()
+        report = await self._filesync().pull(fs, transport.workdir, remote_now)
+        self._file_notes(report)
+        return report
+
+    async def sync_files(self) -> SyncReport:
+        """``%link sync``: scan the host, push, pull."""
+        await self.reach()
+        transport = self._transport()
+        await transport.prepare()
+        files = self._filesync()
+        remote_now = await transport.scan(
+            transport.workdir, files.ignore.prune_dirs(), self.host.python or None
+        )
+        report = await files.sync(await transport.filesystem(), transport.workdir, remote_now)
+        self._file_notes(report)
+        return report
+
+    def _file_notes(self, report: SyncReport) -> None:
+        for line in report.warnings():
+            self.notes.append(f"[link] {line}\n")
 
     async def _timed_release(self, kernel: RemoteKernel, timings: dict[str, float]) -> None:
         t0 = time.perf_counter()
@@ -515,6 +585,12 @@ class RemoteBackend(Backend):
             parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.last["timings"].items())
             detail += f"; last cell: {parts}"
         return {"target": self.name, "state": state, "detail": detail}
+
+
+def files_state_path(alias: str, local_dir: str, workdir: str) -> Path:
+    """Where the file sync keeps what both sides had at the last sync."""
+    key = hashlib.sha256(f"{Path(local_dir).resolve()}\0{alias}\0{workdir}".encode()).hexdigest()
+    return default_store().parent / "files" / f"{alias}-{key[:16]}.json"
 
 
 async def _settled(task: asyncio.Future) -> Any:

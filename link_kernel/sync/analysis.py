@@ -600,7 +600,7 @@ class _Analyzer:
             elif isinstance(node, ast.Lambda):
                 stack.extend((d, ctx, flow, acc) for d in _defaults(node.args))
                 scope = _function_scope(node.args, [node.body], ctx.scope)
-                stack.append((node.body, self._nested_ctx(scope, ctx, flow), set(), None))
+                pass
             elif isinstance(node, _COMPREHENSIONS):
                 first, *others = node.generators
                 stack.append((first.iter, ctx, flow, acc))
@@ -681,7 +681,7 @@ class _Analyzer:
         live = [branch for branch, reachable in outcomes if reachable]
         if not live:
             return False
-        joined = set.union(*live)
+        joined = set.intersection(*live)
         flow.clear()
         flow.update(joined)
         return True

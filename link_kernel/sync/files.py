@@ -68,7 +68,6 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     ".ipynb_checkpoints",
     ".venv",
     "venv",
-    "env",
     ".tox",
     "node_modules",
     ".link",
@@ -110,7 +109,7 @@ def scan_tree(root: "str", prune: "Iterable[str]" = ()) -> "dict[str, list]":  #
     import os
     import stat
 
-    excluded = {".git", "__pycache__", ".ipynb_checkpoints", ".venv", "venv", "env", ".tox"}
+    excluded = {".git", "__pycache__", ".ipynb_checkpoints", ".venv", "venv", ".tox"}
     excluded |= {"node_modules", ".link"}
     skip_names = excluded | {p for p in prune if "/" not in p}
     skip_paths = {p.strip("/") for p in prune if "/" in p}
@@ -1133,8 +1132,8 @@ class FileSync:
                     else:
                         plan.conflicts.append((path, lsig, rsig))
                 else:
-                    blind = view is None and path not in base.remote
-                    plan.copy.append((path, lsig, blind))
+                    # the host's state is unknown: look before overwriting
+                    plan.copy.append((path, lsig, view is None))
             self._apply_push(run, plan, known)
             if full and not base.complete:
                 base.complete = base.dirty = True
@@ -1349,7 +1348,7 @@ class FileSync:
         run.total = sum(lsig[0] + (theirs[0] if theirs else 0) for _, lsig, _, theirs in copies)
         for path, lsig, blind, theirs in copies:
             run.check()
-            if blind:  # the host's state is unknown: never overwrite what the base does not know
+            if blind:  # the host's state is unknown: never overwrite a change made there
                 with _remote_errors(self.host, path, "checking"):
                     there = host.lstat(path)
                 if there == _DIR:
@@ -1359,7 +1358,8 @@ class FileSync:
                     if _equivalent(lsig, there):
                         base.set(path, lsig, there)
                         continue
-                    theirs = there
+                    if not _same(base.remote.get(path), there):
+                        theirs = there
             if theirs is not None:
                 saved = self._save_theirs(run, path, theirs)
                 if saved is None:

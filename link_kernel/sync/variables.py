@@ -91,6 +91,9 @@ class Outputs:
     deleted: list[str] = field(default_factory=list)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: The host's scan of its work directory after the cell (None: files=off).
+    files: dict[str, list] | None = None
+    files_error: str = ""
 
     @classmethod
     def from_content(cls, content: dict) -> Outputs:
@@ -100,6 +103,8 @@ class Outputs:
             deleted=content.get("deleted", []),
             errors=content.get("errors", {}),
             timings=content.get("timings", {}),
+            files=content.get("files"),
+            files_error=content.get("files_error", ""),
         )
 
     @property

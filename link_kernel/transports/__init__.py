@@ -258,6 +258,22 @@ class Transport(abc.ABC):
         """Remove a file; a missing file is not an error."""
 
     @abc.abstractmethod
+    async def filesystem(self) -> Any:
+        """An fsspec filesystem of the host, for the file sync."""
+
+    async def scan(self, root: str, prune: list[str], python: str | None = None) -> dict:
+        """The host's scan of ``root`` (link_kernel.sync.files.scan_tree), run on the host."""
+        from ..sync.files import SCAN_SOURCE
+
+        code = SCAN_SOURCE + "\nimport json, sys\nprint(json.dumps(scan_tree(sys.argv[1], sys.argv[2:])))"
+        python = python or await self.default_python()
+        status, out, err = await self.run([python, "-c", code, root, *prune], timeout=120)
+        if status != 0:
+            msg = f"scanning {root} on {self.alias} failed: {err.decode(errors='replace')[-300:]}"
+            raise RemoteEnvironmentError(msg)
+        return json.loads(out)
+
+    @abc.abstractmethod
     async def missing_blobs(self, ids: list[str]) -> list[str]:
         """The blobs of ``ids`` the host's store lacks."""
 

@@ -146,6 +146,11 @@ class ProcessTransport(Transport):
         )
         return ProcessSupervisor(self.alias, asyncio.get_running_loop(), proc)
 
+    async def filesystem(self):
+        import fsspec
+
+        return fsspec.filesystem("file")
+
     async def missing_blobs(self, ids: list[str]) -> list[str]:
         return [i for i in ids if not os.path.exists(os.path.join(self.blob_dir, i))]
 

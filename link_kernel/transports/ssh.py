@@ -1869,6 +1869,7 @@ class SSHTransport(Transport):
         self.config = config
         self.connection: SSHConnection | None = None
         self._forwards: dict[int, Forward] = {}
+        self._fs = None
         self.home = ""
 
     def _resolve(self) -> SSHHost:
@@ -1963,6 +1964,16 @@ class SSHTransport(Transport):
         if forward is not None:
             await asyncio.to_thread(forward.close)
 
+    async def filesystem(self):
+        """fsspec's SFTP filesystem on a second SFTP channel of this connection.
+
+        A channel of its own, so the file sync never shares a paramiko SFTP
+        client (not thread-safe) with kernel starts. No second login.
+        """
+        if self._fs is None or self._fs.ftp.sock.closed:
+            self._fs = await asyncio.to_thread(_LinkSFTPFileSystem.over, self._live(), self.alias)
+        return self._fs
+
     async def missing_blobs(self, ids: list[str]) -> list[str]:
         present = set(await asyncio.to_thread(self._live().sftp().listdir, self.blob_dir))
         return [i for i in ids if i not in present]
@@ -2014,10 +2025,42 @@ class SSHTransport(Transport):
     async def close(self) -> None:
         forwards, self._forwards = list(self._forwards.values()), {}
         connection, self.connection = self.connection, None
+        fs, self._fs = self._fs, None
+        if fs is not None:
+            await asyncio.to_thread(fs.ftp.close)
         for forward in forwards:
             await asyncio.to_thread(forward.close)
         if connection is not None:
             await asyncio.to_thread(connection.close)
+
+
+def _sftp_filesystem_class():
+    from fsspec.implementations.sftp import SFTPFileSystem
+
+    class LinkSFTPFileSystem(SFTPFileSystem):
+        """fsspec's SFTP filesystem over a Link connection (no login of its own)."""
+
+        cachable = False
+
+        def __init__(self, sftp: paramiko.SFTPClient, alias: str) -> None:
+            self._link_sftp = sftp
+            super().__init__(alias)
+
+        def _connect(self) -> None:
+            self.client = None
+            self.ftp = self._link_sftp
+
+    return LinkSFTPFileSystem
+
+
+class _LinkSFTPFileSystem:
+    @staticmethod
+    def over(connection: SSHConnection, alias: str):
+        transport = connection.transport
+        if transport is None:
+            raise ConnectionLostError(alias, f"not connected to {alias}")
+        sftp = _SFTPClient.from_transport(transport)
+        return _sftp_filesystem_class()(sftp, alias)
 
 
 def _makedirs(sftp: paramiko.SFTPClient, path: str, mode: int) -> None:
