@@ -420,7 +420,10 @@ class LinkKernel(Kernel):
             if store and not silent:
                 await self.local.record(code)
                 self.execution_count = count
-            return Reply({"status": "ok", "execution_count": count, "user_expressions": {}})
+            return Reply(
+                {"status": "ok", "execution_count": count, "user_expressions": {}},
+                metadata={"link": {"target": "router"}},
+            )
         backend = await self._choose(targets, parent)
         if backend is self.local:
             self.relay.drop = frozenset({"execute_input"})

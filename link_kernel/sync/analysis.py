@@ -7,7 +7,8 @@ cell, then brings back the ``binds`` and deletes the ``deletes`` locally.
 The cell runs at module level of an IPython kernel. It is first transformed
 with IPython's own input transformers (magics, ``!cmd``, ``x?``), then parsed;
 code that is not Python even then raises :class:`SyntaxError`. Lines that start
-with ``%link`` are router commands and are ignored.
+with ``%link`` are router commands and are ignored, and so is the routing
+comment on the first line (a cell magic may follow it).
 
 Reads are conservative. A name is a read when the cell may load it while it
 still holds the value it had before the cell: anywhere in the cell where the
@@ -83,7 +84,7 @@ import ast
 import re
 import string
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -95,7 +96,8 @@ if TYPE_CHECKING:
 class Names:
     """The module-level names a cell reads, binds and deletes (see the module docstring)."""
 
-    #: Names whose value the cell may take from the namespace as it was before the cell.
+    #: Names the cell may take from the namespace as it was before the cell: their
+    #: value, or only their existence for ``placeholders``.
     reads: frozenset[str]
     #: Names the cell may leave bound (or may leave deleted) at module level.
     binds: frozenset[str]
@@ -116,7 +118,7 @@ def analyze(code: str) -> Names:
     """
     from IPython.core.inputtransformer2 import TransformerManager
 
-    code = _drop_router_commands(code)
+    code = _drop_router_lines(code)
     tree = _Parser(TransformerManager()).parse(code)
     names = _Analyzer().module(tree.body)
     if _IPYTHON_NAME in names.reads and not re.search(r"\bget_ipython\b", code):
@@ -124,18 +126,27 @@ def analyze(code: str) -> Names:
     return names
 
 
-# -- Router commands ------------------------------------------------------------------
+# -- Router lines ---------------------------------------------------------------------
 
 
-def _drop_router_commands(cell: str) -> str:
-    """``cell`` with its ``%link`` lines emptied (as :func:`routing.parse` does)."""
-    if "%link" not in cell:
+_ROUTE_COMMENT = re.compile(r"[ \t]*#[ \t]*link[ \t]*:")  # as in routing
+
+
+def _drop_router_lines(cell: str, *, route: bool = True) -> str:
+    """``cell`` with its ``%link`` lines and (if ``route``) its routing comment emptied.
+
+    Line numbers stay. IPython takes a cell magic only from the first line that
+    is not blank, so ``# link: gpu`` followed by ``%%time`` is a ``%%time`` cell
+    for the analysis, as it is for a kernel that gets the cell without its comment.
+    """
+    if "%link" not in cell and not (route and "link" in cell):
         return cell
     lines = cell.splitlines(keepends=True)
     for i, line in enumerate(lines):
         parts = line.splitlines()
         text = parts[0] if parts else ""
-        if text.startswith("%link") and (len(text) == 5 or text[5].isspace()):
+        command = text.startswith("%link") and (len(text) == 5 or text[5].isspace())
+        if command or (route and i == 0 and _ROUTE_COMMENT.match(text)):
             lines[i] = line[len(text) :]
     return "".join(lines)
 
@@ -160,6 +171,10 @@ class _Isolated(ast.stmt):
 
     _fields = ("body",)
 
+    def __init__(self, body: list[ast.stmt]) -> None:
+        super().__init__()
+        self.body = body
+
 
 class _Parser:
     """Transforms and parses cells, and replaces magic calls by the code they run."""
@@ -181,7 +196,7 @@ class _Parser:
     def _code(self, text: str) -> list[ast.stmt]:
         """Statements of a magic's code, or none if it does not parse."""
         try:
-            return self.parse(_drop_router_commands(text)).body
+            return self.parse(_drop_router_lines(text, route=False)).body
         except (SyntaxError, ValueError):
             return []
 
@@ -243,7 +258,7 @@ class _Parser:
         return _expansions(line)
 
     def _timeit(self, options: dict[str, str], setup: str, cell: str) -> list[ast.stmt]:
-        stmts: list[ast.stmt] = [_Isolated(body=self._code(setup) + self._code(cell))]
+        stmts: list[ast.stmt] = [_Isolated(self._code(setup) + self._code(cell))]
         saved = options.get("v", "")
         if saved.isidentifier():
             stmts.append(_bind_stmt(saved))
@@ -263,8 +278,8 @@ def _magic_call(stmt: ast.stmt) -> tuple[str, list[str]] | None:
         and call.func.value.func.id == _IPYTHON_NAME
     ):
         return None
-    args = [a.value for a in call.args if isinstance(a, ast.Constant)]
-    if len(args) != len(call.args) or not all(isinstance(a, str) for a in args):
+    args = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    if len(args) != len(call.args):
         return None
     return call.func.attr, args
 
@@ -434,7 +449,7 @@ def _collect(nodes: Iterable[ast.AST]) -> tuple[set[str], set[str], set[str]]:
     return bound, declared_global, declared_nonlocal
 
 
-def _function_scope(args: ast.arguments, body: list[ast.AST], parent: _Scope) -> _Scope:
+def _function_scope(args: ast.arguments, body: Sequence[ast.AST], parent: _Scope) -> _Scope:
     bound, declared_global, declared_nonlocal = _collect(body)
     params = {a.arg for a in _all_args(args)}
     return _Scope(
@@ -476,7 +491,9 @@ def _import_name(alias: ast.alias) -> str:
 
 
 def _target_names(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    return {
+        n.id for n in ast.walk(node) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
+    }
 
 
 # -- The analysis -----------------------------------------------------------------------
@@ -600,7 +617,7 @@ class _Analyzer:
             elif isinstance(node, ast.Lambda):
                 stack.extend((d, ctx, flow, acc) for d in _defaults(node.args))
                 scope = _function_scope(node.args, [node.body], ctx.scope)
-                pass
+                stack.append((node.body, self._nested_ctx(scope, ctx, flow), set(), None))
             elif isinstance(node, _COMPREHENSIONS):
                 first, *others = node.generators
                 stack.append((first.iter, ctx, flow, acc))
@@ -612,16 +629,16 @@ class _Analyzer:
                     parts.extend([generator.target, generator.iter, *generator.ifs])
                 stack.extend((part, inner, set(), None) for part in parts)
             elif isinstance(node, ast.BoolOp):
-                first, *others = node.values
-                stack.append((first, ctx, flow, acc))
-                stack.extend((value, ctx, flow, None) for value in others)
+                left, *rest = node.values
+                stack.append((left, ctx, flow, acc))
+                stack.extend((value, ctx, flow, None) for value in rest)
             elif isinstance(node, ast.IfExp):
                 stack.append((node.test, ctx, flow, acc))
                 stack.extend((branch, ctx, flow, None) for branch in (node.body, node.orelse))
             elif isinstance(node, ast.Compare):
-                first, *others = node.comparators
-                stack.extend([(node.left, ctx, flow, acc), (first, ctx, flow, acc)])
-                stack.extend((value, ctx, flow, None) for value in others)
+                right, *rest = node.comparators
+                stack.extend([(node.left, ctx, flow, acc), (right, ctx, flow, acc)])
+                stack.extend((value, ctx, flow, None) for value in rest)
             else:
                 stack.extend((child, ctx, flow, acc) for child in ast.iter_child_nodes(node))
 
@@ -766,8 +783,8 @@ class _Analyzer:
         for expr in node.decorator_list:
             acc |= self._expr(expr, ctx, flow)
         outer = self._type_params(node, ctx, flow)
-        for expr in [*node.bases, *node.keywords]:
-            acc |= self._expr(expr, outer, flow)
+        for base in [*node.bases, *node.keywords]:
+            acc |= self._expr(base, outer, flow)
         bound, declared_global, declared_nonlocal = _collect(node.body)
         scope = _Scope(
             "class",

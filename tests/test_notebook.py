@@ -1,0 +1,32 @@
+"""nbclient runs the quickstart notebook headless through the installed kernelspec."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "quickstart.ipynb"
+
+
+def test_quickstart_runs_through_link(tmp_path):
+    notebook = tmp_path / "quickstart.ipynb"
+    shutil.copy(EXAMPLE, notebook)
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(
+        nb, kernel_name="link", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    for cell in code:
+        assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
+    text = ["".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in c.outputs)
+            for c in code]
+    assert "mean residual 0.08" in text[1]
+    assert text[2].startswith("[-0.  1.  2.  3.  4.  5.  6.  7.]")
+    assert text[3] == text[4], "keep did not reuse the kernel"
+    assert text[5] == "2"
+    assert "released: process" in text[6]
+    assert (tmp_path / "weights.txt").exists()
