@@ -340,15 +340,18 @@ def _referenced_globals(value, ns: dict) -> set:
     return {n for n in found if n in ns}
 
 
-def export(shell, names: list, store: str, algo: str) -> str:
+def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -> str:
     """Write the named values of the user namespace as blobs (local side).
 
     Notebook functions and classes bring along the notebook names they use.
     Returns a JSON manifest: {"values": {name: {id, size, type}},
-    "modules": {name: module}, "errors": {name: {type, reason}}, "missing": [...]}.
+    "modules": {name: module}, "errors": {name: {type, reason}}, "missing": [...],
+    "placeholders": [...]}: ``placeholders`` are names whose value the cell never
+    uses (it only deletes them); only whether they exist is reported.
     """
     ns = shell.user_ns
     manifest: dict = {"values": {}, "modules": {}, "errors": {}, "missing": []}
+    manifest["placeholders"] = [n for n in placeholders if n in ns and _is_user_name(shell, n)]
     todo = list(dict.fromkeys(names))
     seen = set(todo)
     while todo:
@@ -477,10 +480,7 @@ class Cell:
                 if (n not in self.before or v is not self.before[n])
                 and not isinstance(v, (_Placeholder, types.ModuleType))
             ]
-            deleted = [
-                n for n in self.before if n not in now and n in set(self.inputs) | set(self.placeholders)
-            ]
-            deleted += [n for n in self.modules if n not in now]
+            deleted = [n for n in self.before if n not in now]
         out: dict = {"values": {}, "modules": {}, "deleted": deleted, "errors": {}}
         for name in changed:
             value = now[name]

@@ -399,7 +399,7 @@ class LinkKernel(Kernel):
         died = await self.local.ensure_alive()
         if died is not None:
             raise died
-        if not cell.commands and targets == (routing.LOCAL,):
+        if not cell.commands and targets == (routing.LOCAL,) and cell.kernel_code is None:
             return await self._run_local(parent, frames, i, ident, cell)
         count = self.execution_count + (0 if silent else 1)
         if not silent:
@@ -415,6 +415,7 @@ class LinkKernel(Kernel):
             route=cell.route,
             code=cell.code,
             execution_count=count,
+            kernel_code=cell.kernel_code,
         )
         if not cell.has_code:
             if store and not silent:
@@ -524,6 +525,7 @@ class LinkKernel(Kernel):
             route=cell.route,
             code=cell.code,
             execution_count=self.execution_count,
+            kernel_code=cell.kernel_code,
         )
         self._active = self.local
         try:

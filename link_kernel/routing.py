@@ -116,6 +116,23 @@ class Cell:
             lines = lines[1:]
         return any(line.strip() for line in lines)
 
+    @property
+    def kernel_code(self) -> str | None:
+        """The code a kernel must get instead of the cell, or None for the cell itself.
+
+        IPython takes a cell magic (``%%time``) only from the first non-blank
+        line, so behind a routing comment the comment line is blanked (the
+        line count stays, and so do line numbers).
+        """
+        if not self.route.commented:
+            return None
+        lines = self.code.splitlines(keepends=True)
+        rest = "".join(lines[1:])
+        if not rest.lstrip().startswith("%%"):
+            return None
+        ending = lines[0][len(lines[0].rstrip("\r\n")) :]
+        return ending + rest
+
 
 def parse(cell: str) -> Cell:
     """Split ``cell`` into commands, route and code; raise RoutingError if malformed.

@@ -236,3 +236,11 @@ def test_install_cli_registers_the_kernelspec(tmp_path):
         env={**__import__("os").environ, "JUPYTER_PATH": str(tmp_path / "share" / "jupyter")},
     ).stdout
     assert "link-test" in json.loads(listed)["kernelspecs"]
+
+
+def test_a_cell_magic_behind_a_routing_comment_runs(link):
+    code = "# link: local\n%%capture captured\nprint('hidden')\nvalue_from_magic = 7"
+    result = link.run(code)
+    assert result.status == "ok", result.text
+    assert [m["content"]["code"] for m in result.inputs] == [code]
+    assert link.run("(value_from_magic, captured.stdout)").result == "(7, 'hidden\\n')"

@@ -164,3 +164,11 @@ def test_the_process_host_has_its_own_work_directory(link_remote, remote):
     remote_cwd = link_remote.run(f"# link: {remote}\nimport os; os.getcwd()").result
     assert local_cwd != remote_cwd
     assert Path(eval(remote_cwd)).name.startswith("work-")
+
+
+def test_a_cell_magic_behind_a_routing_comment_runs_remotely(link_remote, remote):
+    code = f"# link: {remote}\n%%capture captured\nprint('hidden')\nfrom_magic = 9"
+    result = link_remote.run(code)
+    assert result.status == "ok", result.text
+    assert [m["content"]["code"] for m in result.inputs] == [code]
+    assert link_remote.run("from_magic").result == "9"

@@ -124,3 +124,11 @@ def test_unchanged_inputs_are_not_sent_again(link_remote, remote):
     assert link_remote.run("total").result == str(float(sum(range(2**20))))
     assert first.reply["metadata"]["link"]["sent"] > 2**23
     assert second.reply["metadata"]["link"]["sent"] == 0
+
+
+def test_a_deleted_value_is_not_sent_just_to_be_deleted(link_remote, remote):
+    link_remote.run("import numpy as np\nheavy = np.ones(2**20)")
+    result = link_remote.run(f"# link: {remote}\ndel heavy")
+    assert result.status == "ok"
+    assert result.reply["metadata"]["link"]["sent"] == 0
+    assert link_remote.run("'heavy' in globals()").result == "False"

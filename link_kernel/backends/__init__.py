@@ -37,20 +37,24 @@ class ExecuteRequest:
     route: Route
     code: str
     execution_count: int
-    #: Lines the router wants shown first in the cell's output (fallback notes).
-    notes: list[str] = field(default_factory=list)
+    #: The code the kernel gets when it must differ from the cell (see routing).
+    kernel_code: str | None = None
 
     @property
     def content(self) -> dict[str, Any]:
         return self.msg["content"]
 
     @property
+    def kernel_content(self) -> dict[str, Any]:
+        """The execute_request content to send a kernel."""
+        if self.kernel_code is None:
+            return self.msg["content"]
+        return {**self.msg["content"], "code": self.kernel_code}
+
+    @property
     def msg_id(self) -> str:
         return self.msg["header"]["msg_id"]
 
-    @property
-    def code_changed(self) -> bool:
-        return self.code != self.content["code"]
 
 
 @dataclass

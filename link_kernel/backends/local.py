@@ -216,7 +216,17 @@ class LocalBackend(Backend):
 
     async def execute(self, request: ExecuteRequest) -> Reply:
         conn = self._conn()
-        pending = conn.forward(request.frames, request.delim, request.msg_id)
+        if request.kernel_code is None:
+            pending = conn.forward(request.frames, request.delim, request.msg_id)
+        else:
+            pending = conn.send(
+                "execute_request",
+                request.kernel_content,
+                header=request.msg["header"],
+                parent=request.msg.get("parent_header") or None,
+                metadata=request.msg.get("metadata") or {},
+                internal=False,
+            )
         self._running = pending
         try:
             frames = await pending.done()

@@ -415,7 +415,7 @@ class RemoteBackend(Backend):
         t0 = time.perf_counter()
         pending = conn.send(
             "execute_request",
-            request.content,
+            request.kernel_content,
             header=request.msg["header"],
             parent=request.msg.get("parent_header") or None,
             metadata=metadata,

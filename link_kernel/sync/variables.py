@@ -52,17 +52,22 @@ class Plan:
     reads: list[str]
     outputs: list[str] | None  # None: whatever the cell binds, rebinds or changes
     explicit: bool = False  # the reads were named with in=
+    #: Names the cell only deletes: a stand-in is sent, not the value.
+    placeholders: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, code: str, route: Route) -> Plan:
         if route.inputs is not None:
             return cls(reads=list(route.inputs), outputs=_outputs(route), explicit=True)
-        else:
-            try:
-                reads = sorted(analyze(code).reads)
-            except SyntaxError:
-                reads = []  # the remote kernel reports the syntax error itself
-        return cls(reads=reads, outputs=_outputs(route))
+        try:
+            names = analyze(code)
+        except SyntaxError:
+            return cls(reads=[], outputs=_outputs(route))  # the kernel reports it itself
+        return cls(
+            reads=sorted(names.reads - names.placeholders),
+            outputs=_outputs(route),
+            placeholders=sorted(names.placeholders),
+        )
 
 
 def _outputs(route: Route) -> list[str] | None:
@@ -75,6 +80,7 @@ class Inputs:
 
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
+    placeholders: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -128,14 +134,14 @@ class VariableSync:
         that cannot be serialized, and SyncError for an ``in=`` name that does
         not exist locally.
         """
-        if not plan.reads:
+        if not plan.reads and not plan.placeholders:
             return Inputs()
         self.store.mkdir(parents=True, exist_ok=True, mode=0o700)
         started = time.perf_counter()
         code = (
             "__import__('sys').modules['__link_agent__']._last_export = "
             "__import__('sys').modules['__link_agent__'].export("
-            f"get_ipython(), {plan.reads!r}, {str(self.store)!r}, {algo!r})"
+            f"get_ipython(), {plan.reads!r}, {str(self.store)!r}, {algo!r}, {plan.placeholders!r})"
         )
         result = await self.local.call(
             code, {"manifest": "__import__('sys').modules['__link_agent__']._last_export"}
@@ -159,6 +165,7 @@ class VariableSync:
         return Inputs(
             values=manifest["values"],
             modules=manifest["modules"],
+            placeholders=manifest.get("placeholders", []),
             seconds=time.perf_counter() - started,
         )
 
@@ -169,6 +176,7 @@ class VariableSync:
             "algo": algo,
             "inputs": {name: v["id"] for name, v in inputs.values.items()},
             "modules": inputs.modules,
+            "placeholders": inputs.placeholders,
             "outputs": plan.outputs,
             "cap": self.cap,
         }
