@@ -532,6 +532,111 @@ def install(shell, wrap: bool = True) -> None:
     handlers = getattr(kernel, "shell_handlers", None)
     if wrap and handlers is not None and "execute_request" in handlers:
         handlers["execute_request"] = _wrap_execute(shell, kernel, handlers["execute_request"])
+        _lean_exit(shell, kernel)
+
+
+def _lean_exit(shell, kernel) -> None:
+    """End a per-cell kernel in milliseconds when the router asks it to.
+
+    A released kernel's process simply ends: its replies have all arrived.
+    On the router's shutdown_request it runs the atexit hooks the user
+    registered, flushes every open file and exits, skipping what only a
+    long-lived kernel needs: IPython's exit hook (namespace reset, garbage
+    collection, history) and ipykernel's socket teardown, which together
+    take from 50 ms to a second (zmq linger).
+    """
+    import atexit
+
+    atexit.unregister(shell.atexit_operations)
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if IPKernelApp.initialized():
+            atexit.unregister(IPKernelApp.instance().close)
+    except ImportError:
+        pass
+
+    def remove_tempfiles() -> None:
+        for path in list(getattr(shell, "tempfiles", [])):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    atexit.register(remove_tempfiles)
+    _track_open_files(shell)
+    handlers = getattr(kernel, "control_handlers", None)
+    if handlers is not None and "shutdown_request" in handlers:
+
+        async def shutdown_request(stream, ident, parent):
+            exit_now(0)
+
+        handlers["shutdown_request"] = shutdown_request
+
+
+_OPEN_FILES = None
+
+
+def _track_open_files(shell) -> None:
+    """Remember every file a cell opens with ``open``, so it can be flushed.
+
+    Wraps ``io.open``/``builtins.open`` and IPython's own ``open`` of the user
+    namespace (which calls the io.open it imported, not the module's).
+    """
+    global _OPEN_FILES
+    import builtins
+    import io
+    import weakref
+
+    if _OPEN_FILES is not None:
+        return
+    _OPEN_FILES = weakref.WeakSet()
+
+    def tracking(original):
+        def tracked_open(*args, **kwargs):
+            f = original(*args, **kwargs)
+            try:
+                _OPEN_FILES.add(f)
+            except TypeError:
+                pass
+            return f
+
+        tracked_open.__wrapped__ = original
+        tracked_open.__doc__ = original.__doc__
+        return tracked_open
+
+    io.open = builtins.open = tracking(io.open)
+    ns_open = shell.user_ns.get("open")
+    if ns_open is not None and ns_open is not io.open:
+        wrapped = tracking(ns_open)
+        shell.user_ns["open"] = wrapped
+        if "open" in shell.user_ns_hidden:
+            shell.user_ns_hidden["open"] = wrapped
+
+
+def flush_open_files() -> None:
+    for f in list(_OPEN_FILES or ()):
+        try:
+            if not f.closed:
+                f.flush()
+        except Exception:
+            pass
+
+
+def exit_now(status: int) -> None:
+    """Run atexit hooks, flush open files, end the process (no interpreter teardown)."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        flush_open_files()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
 
 
 def _wrap_execute(shell, kernel, original):
@@ -561,6 +666,7 @@ def _wrap_execute(shell, kernel, original):
             except Exception as exc:
                 content["errors"] = {"*": {"type": "", "reason": _reason(exc)}}
         if cell.scan:  # files come back whether or not the cell succeeded
+            flush_open_files()  # what the cell wrote to files it left open counts
             scan = globals().get("scan_tree")
             try:
                 content["files"] = scan(cell.scan["root"], cell.scan.get("prune", ()))

@@ -38,7 +38,7 @@ from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Instance, Unicode
 
-from .backends.local import ROUTED_KERNEL_ARGS
+from .backends.local import REMOTE_KERNEL_ARGS
 from .sync.files import SCAN_SOURCE
 from .transports import LaunchSpec, Supervisor, Transport
 
@@ -113,7 +113,7 @@ class LinkProvisioner(KernelProvisionerBase):
             connection_file=self._connection_file,
             agent_file=agent,
             dead_after=self.dead_after,
-            kernel_args=[*ROUTED_KERNEL_ARGS, *kwargs.pop("kernel_args", [])],
+            kernel_args=[*REMOTE_KERNEL_ARGS, *kwargs.pop("kernel_args", [])],
             cwd=transport.workdir,
         )
         kwargs["cmd"] = self._spec.argv("<link_kernel.bootstrap>")

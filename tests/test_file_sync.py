@@ -116,3 +116,10 @@ def test_ten_thousand_small_files_sync_correctly(link_remote, remote):
     )
     assert count.result == "(10000, 0)", count.text
     assert (many / "d00" / "f00.txt").read_text() == "changed on the host"
+
+
+def test_a_file_the_cell_left_open_comes_back_whole(link_remote, remote):
+    here = notebook_dir(link_remote)
+    result = link_remote.run(f"# link: {remote}\nlog = open('left-open.log', 'w')\nlog.write('all of it\\n')")
+    assert result.status == "ok", result.text
+    assert (here / "left-open.log").read_text() == "all of it\n"

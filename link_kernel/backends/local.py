@@ -50,6 +50,8 @@ class _OneSpec(KernelSpecManager):
 #: needs no such delay: it sends the reply only after the kernel's idle
 #: status, which the kernel publishes after every output of the cell.
 ROUTED_KERNEL_ARGS = ["--Kernel._execute_sleep=0"]
+#: A per-cell kernel's history would be thrown away; the local kernel records it.
+REMOTE_KERNEL_ARGS = [*ROUTED_KERNEL_ARGS, "--HistoryManager.enabled=False"]
 
 
 def ipykernel_spec(
