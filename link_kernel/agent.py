@@ -148,14 +148,21 @@ def _refusal(obj) -> str:
     return f"a {kind} belongs to the process that made it and cannot be sent"
 
 
+_PICKLER = None
+
+
 def _pickler_class():
+    """dill's pickler with Link's reducers (made once; numpy may come later)."""
+    global _PICKLER
+    if _PICKLER is not None:
+        return _PICKLER
     import dill
 
-    numpy = sys.modules.get("numpy")
     bound = _process_bound_types()
 
     class Pickler(dill.Pickler):
         def reducer_override(self, obj):
+            numpy = sys.modules.get("numpy")
             if numpy is not None and type(obj) is numpy.ndarray and not obj.dtype.hasobject:
                 return obj.__reduce_ex__(5)
             if isinstance(obj, bound):
@@ -165,6 +172,7 @@ def _pickler_class():
                 return _identity, (moved,)
             return NotImplemented
 
+    _PICKLER = Pickler
     return Pickler
 
 
@@ -210,14 +218,21 @@ def blob_of(value, algo: str) -> tuple:
     return f"{algo}-{hasher.hexdigest()}", parts
 
 
-def write_blob(store: str, value, algo: str) -> tuple:
-    """Store a value; return (blob id, size). An existing blob is only touched."""
-    blob_id, parts = blob_of(value, algo)
+#: Values whose blob is at most this big travel inside the messages (base64),
+#: not as files: a small variable costs no file and no transfer round trip.
+INLINE_MAX = 64 * 1024
+
+
+def _size(parts: list) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def store_parts(store: str, blob_id: str, parts: list) -> None:
+    """Write a blob file (atomically); an existing one is only touched."""
     path = os.path.join(store, blob_id)
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     if os.path.exists(path):
         os.utime(path)
-        return blob_id, size
+        return
     os.makedirs(store, mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -230,7 +245,35 @@ def write_blob(store: str, value, algo: str) -> tuple:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return blob_id, size
+
+
+def write_blob(store: str, value, algo: str) -> tuple:
+    """Store a value; return (blob id, size). An existing blob is only touched."""
+    blob_id, parts = blob_of(value, algo)
+    store_parts(store, blob_id, parts)
+    return blob_id, _size(parts)
+
+
+def describe(value, blob_id: str, parts: list, store: str) -> dict:
+    """What a manifest says of a value: small ones inline, big ones as blob files."""
+    import base64
+
+    size = _size(parts)
+    entry = {"id": blob_id, "size": size, "type": _type_name(value)}
+    if size <= INLINE_MAX:
+        entry["inline"] = base64.b64encode(b"".join(bytes(p) for p in parts)).decode()
+    else:
+        store_parts(store, blob_id, parts)
+    return entry
+
+
+def load_entry(store: str, entry):
+    """A value from a manifest entry: inline data, or a blob id in ``store``."""
+    if isinstance(entry, dict) and "inline" in entry:
+        import base64
+
+        return _load(entry["id"], memoryview(bytearray(base64.b64decode(entry["inline"]))))
+    return read_blob(store, entry["id"] if isinstance(entry, dict) else entry)
 
 
 class BlobError(Exception):
@@ -238,8 +281,7 @@ class BlobError(Exception):
 
 
 def read_blob(store: str, blob_id: str):
-    """Load a blob, refusing it unless its content hash matches its name."""
-    algo, _, digest = blob_id.partition("-")
+    """Load a blob file, refusing it unless its content hash matches its name."""
     path = os.path.join(store, blob_id)
     try:
         with open(path, "rb") as f:
@@ -247,7 +289,16 @@ def read_blob(store: str, blob_id: str):
             mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
     except FileNotFoundError:
         raise BlobError(f"blob {blob_id} is missing") from None
-    view = memoryview(mapped)
+    value = _load(blob_id, memoryview(mapped))
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+    return value
+
+
+def _load(blob_id: str, view: memoryview):
+    algo, _, digest = blob_id.partition("-")
     hasher = _hasher(algo)
     hasher.update(view)
     if hasher.hexdigest() != digest:
@@ -267,10 +318,6 @@ def read_blob(store: str, blob_id: str):
         offset += n + _pad(n)
     import dill
 
-    try:
-        os.utime(path)
-    except OSError:
-        pass
     return dill.loads(pickled, buffers=buffers)
 
 
@@ -368,11 +415,10 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
                 seen.add(extra)
                 todo.append(extra)
         try:
-            blob_id, size = write_blob(store, value, algo)
+            blob_id, parts = blob_of(value, algo)
+            manifest["values"][name] = describe(value, blob_id, parts, store)
         except Exception as exc:
             manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
-            continue
-        manifest["values"][name] = {"id": blob_id, "size": size, "type": _type_name(value)}
     return json.dumps(manifest)
 
 
@@ -392,9 +438,9 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
 
     loaded = {}
     failures = []
-    for name, blob_id in values.items():
+    for name, entry in values.items():
         try:
-            loaded[name] = read_blob(store, blob_id)
+            loaded[name] = load_entry(store, entry)
         except Exception as exc:
             failures.append({"name": name, "reason": _reason(exc)})
     for name, module in (modules or {}).items():
@@ -407,6 +453,17 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
     for name in deleted:
         ns.pop(name, None)
     return json.dumps(failures)
+
+
+def warm() -> None:
+    """Import what moving variables needs, before a cell waits for it (~25 ms)."""
+    import dill  # noqa: F401
+
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        pass
+    _pickler_class()
 
 
 def record(shell, code: str) -> int:
@@ -439,6 +496,7 @@ class Cell:
         self.shell = shell
         self.store = os.path.expanduser(instructions.get("store") or "")
         self.algo = instructions.get("algo") or algorithms()[0]
+        #: name -> blob id, or {"id", "inline"} for a small value sent inline
         self.inputs = dict(instructions.get("inputs") or {})
         self.modules = dict(instructions.get("modules") or {})
         self.placeholders = list(instructions.get("placeholders") or [])
@@ -452,9 +510,9 @@ class Cell:
         import importlib
 
         values = {}
-        for name, blob_id in self.inputs.items():
+        for name, entry in self.inputs.items():
             try:
-                values[name] = read_blob(self.store, blob_id)
+                values[name] = load_entry(self.store, entry)
             except Exception as exc:
                 raise RuntimeError(f"input {name!r} could not be loaded: {_reason(exc)}") from exc
         for name, module in self.modules.items():
@@ -487,30 +545,28 @@ class Cell:
             if isinstance(value, types.ModuleType):
                 out["modules"][name] = value.__name__
                 continue
-            try:
-                blob_id, size = write_blob(self.store, value, self.algo)
-            except Exception as exc:
-                out["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
-                continue
-            if self.outputs is None and self.inputs.get(name) == blob_id:
-                continue  # an input the cell did not change
-            out["values"][name] = {"id": blob_id, "size": size, "type": _type_name(value)}
+            self._export(name, value, out)
         if self.outputs is None:
             for name in self.inputs:
                 if name in now and name not in changed:
-                    self._check_mutated(name, now[name], out)
+                    self._export(name, now[name], out)  # comes back only if it changed
         if self.cap:
             trim_store(self.store, self.cap)
         return out
 
-    def _check_mutated(self, name: str, value, out: dict) -> None:
+    def _input_id(self, name: str):
+        entry = self.inputs.get(name)
+        return entry.get("id") if isinstance(entry, dict) else entry
+
+    def _export(self, name: str, value, out: dict) -> None:
+        """Add a value to the result, unless it is an input the cell left as it was."""
         try:
-            blob_id, size = write_blob(self.store, value, self.algo)
+            blob_id, parts = blob_of(value, self.algo)
+            if self.outputs is None and self._input_id(name) == blob_id:
+                return
+            out["values"][name] = describe(value, blob_id, parts, self.store)
         except Exception as exc:
             out["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
-            return
-        if blob_id != self.inputs[name]:
-            out["values"][name] = {"id": blob_id, "size": size, "type": _type_name(value)}
 
 
 def install(shell, wrap: bool = True) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from html import escape as html_escape
+import importlib
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from ipykernel._version import kernel_protocol_version as PROTOCOL_VERSION
 from ipykernel.kernelbase import Kernel
 from jupyter_client.session import DELIM
 from traitlets import Any as AnyTrait
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode
 
 from . import __version__, routing
 from .backends import Backend, ExecuteRequest, Reply
@@ -46,7 +48,7 @@ from .connection import delim_index, header_of
 from .errors import ConnectionLostError, HostUnreachableError, LinkError
 from .hosts import HostConfig
 from .sync.files import Ignore, Journal
-from .sync.variables import VariableSync
+from .sync.variables import VariableSync, format_size
 from .relay import Relay
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ class LinkKernel(Kernel):
     reach_timeout = Float(
         3.0, help="Seconds to wait for a host to answer before it counts as unreachable."
     ).tag(config=True)
+    show_target = Bool(
+        True, help="Under each remote cell, one quiet line says where it ran and how long it took."
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -143,6 +148,7 @@ class LinkKernel(Kernel):
         self._raw: dict[str, tuple[list, int]] = {}
         self._active: Backend | None = None
         self._echoed = ""
+        self._recording: ExecuteRequest | None = None
         self._started: asyncio.Task | None = None
         self._closing = False
         self.last_cell: dict[str, Any] = {}
@@ -160,6 +166,8 @@ class LinkKernel(Kernel):
             await self._started
         except Exception:
             self.log.exception("the local kernel did not start")
+        # The cell analysis imports IPython's transformers (~100 ms): not in a cell.
+        await asyncio.to_thread(importlib.import_module, "IPython.core.inputtransformer2")
 
     async def _ready(self) -> None:
         """Wait for the local kernel's first start; restart it if it died."""
@@ -454,10 +462,9 @@ class LinkKernel(Kernel):
         raise AssertionError("resolve() returns at least one target")
 
     async def _run_remote(self, backend: Backend, request: ExecuteRequest, silent: bool, store: bool):
-        """Run a cell on a remote backend; the local kernel records it meanwhile."""
-        record = None
-        if store and not silent:
-            record = asyncio.ensure_future(self.local.record(request.content["code"]))
+        """Run a cell on a remote backend (which has the local kernel record it)."""
+        request.record = store and not silent
+        self._recording = request
         self._active = backend
         self.relay.drop = frozenset({"execute_input"})
         try:
@@ -465,15 +472,45 @@ class LinkKernel(Kernel):
         finally:
             self._active = None
             self.relay.drop = frozenset()
-            if record is not None:
-                await record
+            if request.recorded:
                 self.execution_count = request.execution_count
             for note in backend.notes:
                 self._note(request.msg, note)
             backend.notes.clear()
         reply.content["execution_count"] = request.execution_count
-        reply.metadata = {**reply.metadata, "link": {"target": backend.name, **backend.last}}
+        link = {"target": backend.name, **backend.last}
+        reply.metadata = {**reply.metadata, "link": link}
+        if self.show_target:
+            self._target_note(request.msg, link)
         return reply
+
+    def _target_note(self, parent: dict, link: dict) -> None:
+        """One quiet line under a remote cell: where it ran, how long it took.
+
+        It is an output, so the saved notebook keeps it: a reader sees later
+        where each remote cell ran (the routing comment says where it was
+        meant to run; a fallback or a default can differ).
+        """
+        seconds = sum(v for k, v in link.get("timings", {}).items() if not k.startswith("host "))
+        moved = link.get("sent", 0) + link.get("received", 0)
+        text = f"ran on {link['target']} in {seconds:.2f} s"
+        if moved:
+            text += f", {format_size(moved)} moved"
+        html = (
+            '<div class="link-target" style="font-size:0.8em;opacity:0.6;'
+            f'font-family:var(--jp-ui-font-family,sans-serif)">&#8674; {html_escape(text)}</div>'
+        )
+        self.session.send(
+            self.iopub_socket,
+            "display_data",
+            {
+                "data": {"text/plain": f"[link] {text}", "text/html": html},
+                "metadata": {"link": {"target": link["target"], "seconds": round(seconds, 3)}},
+                "transient": {},
+            },
+            parent,
+            ident=self._topic("display_data"),
+        )
 
     def _note(self, parent: dict, text: str) -> None:
         self.session.send(
@@ -545,7 +582,11 @@ class LinkKernel(Kernel):
             self._publish_execute_input(code, parent, count)
         body = error_content(err)
         self.session.send(self.iopub_socket, "error", body, parent, ident=self._topic("error"))
-        if store and not silent and self.local.alive:
+        recorded = self._recording is not None and self._recording.msg is parent and self._recording.recorded
+        self._recording = None
+        if recorded:
+            self.execution_count = count
+        elif store and not silent and self.local.alive:
             try:
                 await self.local.record(code)
                 self.execution_count = count

@@ -38,6 +38,8 @@ class Result:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    #: The router's "ran on HOST in N s" lines under remote cells (kept apart).
+    notes: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
 
     @property
@@ -152,6 +154,8 @@ class LinkClient:
                     idle = msg["content"]["execution_state"] == "idle"
                 elif msg["msg_type"] == "execute_input":
                     result.inputs.append(msg)
+                elif msg["msg_type"] == "display_data" and "link" in msg["content"]["metadata"]:
+                    result.notes.append(msg)
                 else:
                     result.outputs.append(msg)
                     if on_output is not None:

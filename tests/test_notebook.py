@@ -22,8 +22,11 @@ def test_quickstart_runs_through_link(tmp_path):
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     for cell in code:
         assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
-    text = ["".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in c.outputs)
+    text = ["".join(o.get("text", "") or o.get("data", {}).get("text/plain", "")
+                    for o in c.outputs if "link" not in o.get("metadata", {}))
             for c in code]
+    notes = [o for c in code for o in c.outputs if "link" in o.get("metadata", {})]
+    assert len(notes) == 3 and all(n.data["text/plain"].startswith("[link] ran on process") for n in notes)
     assert "mean residual 0.08" in text[1]
     assert text[2].startswith("[-0.  1.  2.  3.  4.  5.  6.  7.]")
     assert text[3] == text[4], "keep did not reuse the kernel"

@@ -36,6 +36,9 @@ def test_outputs_arrive_in_order(link_remote, remote):
     assert result.outputs[2]["content"] == {"name": "stderr", "text": "three\n"}
     assert result.error["ename"] == "ValueError" and result.error["evalue"] == "four"
     assert result.statuses == ["busy", "idle"]
+    note = result.notes[0]["content"]
+    assert note["data"]["text/plain"].startswith(f"[link] ran on {remote} in ")
+    assert note["metadata"]["link"]["target"] == remote
     assert [m["content"]["code"] for m in result.inputs] == [code]
 
 

@@ -39,6 +39,9 @@ class ExecuteRequest:
     execution_count: int
     #: The code the kernel gets when it must differ from the cell (see routing).
     kernel_code: str | None = None
+    #: Whether the cell goes into the local kernel's history, and whether it has.
+    record: bool = False
+    recorded: bool = False
 
     @property
     def content(self) -> dict[str, Any]:

@@ -109,6 +109,7 @@ class LocalBackend(Backend):
         self.kernel_info: dict[str, Any] = {}
         self.session_number: int | None = None
         self._watch: asyncio.Task | None = None
+        self._warming: asyncio.Future | None = None
         self._running: Pending | None = None
         self.died: KernelDiedError | None = None
         self.death_reported = False
@@ -160,6 +161,7 @@ class LocalBackend(Backend):
             {"session": "get_ipython().history_manager.session_number"},
         )
         self.session_number = int(result["session"])
+        self._warming = asyncio.ensure_future(self.call("__import__('__link_agent__').warm()"))
 
     async def shutdown(self, *, restart: bool = False) -> None:
         km, conn, watch = self.km, self.conn, self._watch

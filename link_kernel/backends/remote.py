@@ -121,6 +121,7 @@ class RemoteBackend(Backend):
         #: Every started kernel not yet gone: each gets keepalives.
         self._live: set[RemoteKernel] = set()
         self._preparing: asyncio.Future | None = None
+        self._recording: asyncio.Future | None = None
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
         self._closing = False
@@ -312,7 +313,13 @@ class RemoteBackend(Backend):
                 kernel = await fresh
         try:
             t0 = time.perf_counter()
-            inputs = await self.sync.export(plan, self.algo or "sha256")
+            record = request.content["code"] if request.record else None
+            if plan.reads or plan.placeholders or record is None:
+                inputs = await self.sync.export(plan, self.algo or "sha256", record)
+                request.recorded = request.record
+            else:  # nothing to export: record the cell while the cell runs
+                inputs = Inputs()
+                self._recording = asyncio.ensure_future(self.sync.export(plan, "", record))
             await self._push(inputs)
             timings["inputs"] = time.perf_counter() - t0
             if request.route.files and self.journal is not None:
@@ -347,8 +354,27 @@ class RemoteBackend(Backend):
     def _start_standby(self) -> None:
         """Boot the next cell's kernel in the background (warm standby)."""
         if self.host.standby and self.standby is None and not self._closing:
-            self.standby = asyncio.ensure_future(self.start_kernel({}, self.host.kernel))
+            self.standby = asyncio.ensure_future(self._boot_standby())
             self.standby.add_done_callback(self._standby_done)
+
+    async def _boot_standby(self) -> RemoteKernel:
+        """Start a kernel and run one silent empty cell in it.
+
+        IPython's first execution imports and compiles what later ones reuse;
+        paid here, in the background, the user's cell does not pay it.
+        """
+        kernel = await self.start_kernel({}, self.host.kernel)
+        try:
+            await kernel.conn.request(
+                "execute_request",
+                {"code": "__import__('__link_agent__').warm()\n0", "silent": False,
+                 "store_history": False, "user_expressions": {},
+                 "allow_stdin": False, "stop_on_error": False},
+                timeout=self.start_timeout,
+            )
+        except (LinkError, asyncio.TimeoutError):
+            pass
+        return kernel
 
     def _offer_standby(self, kernel: RemoteKernel) -> None:
         if self.standby is None and kernel.alive and not self._closing:
@@ -389,6 +415,10 @@ class RemoteBackend(Backend):
                 if releasing is not None:
                     await releasing
                     self._start_standby()
+                if self._recording is not None:
+                    recording, self._recording = self._recording, None
+                    await recording
+                    request.recorded = request.record
                 self.last["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return Reply(content=reply["content"], metadata=reply.get("metadata") or {})
 
@@ -429,10 +459,13 @@ class RemoteBackend(Backend):
             msg = f"the kernel on {self.name} sent a reply that does not verify: {exc}"
             raise KernelDiedError(msg) from exc
         outputs = Outputs.from_content(result.result()) if result.done() else None
+        if outputs is not None:
+            timings.update({f"host {k}": v for k, v in outputs.timings.items()})
         return reply, outputs
 
     async def _push(self, inputs: Inputs) -> None:
-        ids = [v["id"] for v in inputs.values.values()]
+        ids = [v["id"] for v in inputs.values.values() if "inline" not in v]
+        self.last["sent"] = sum(v["size"] for v in inputs.values.values() if "inline" in v)
         if not ids:
             return
         transport = self._transport()
@@ -440,7 +473,7 @@ class RemoteBackend(Backend):
         if missing:
             await transport.push_blobs(str(self.sync.store), missing)
         sizes = {v["id"]: v["size"] for v in inputs.values.values()}
-        self.last["sent"] = sum(sizes[i] for i in missing)
+        self.last["sent"] += sum(sizes[i] for i in missing)
 
     async def _bring_back(self, outputs: Outputs, request: ExecuteRequest) -> None:
         """Files and variables back, side by side (they use separate channels)."""
@@ -460,7 +493,9 @@ class RemoteBackend(Backend):
         if missing:
             await self._transport().pull_blobs(missing, str(self.sync.store))
         sizes = {v["id"]: v["size"] for v in outputs.values.values()}
-        self.last["received"] = sum(sizes[i] for i in missing)
+        self.last["received"] = sum(sizes[i] for i in missing) + sum(
+            v["size"] for v in outputs.values.values() if "inline" in v
+        )
         failures = await self.sync.apply(outputs)
         notes = [
             f"{name} ({error['type']}): {error['reason']}" for name, error in outputs.errors.items()

@@ -127,25 +127,29 @@ class VariableSync:
         self.cap = cap
         self.algo = "xxh3"
 
-    async def export(self, plan: Plan, algo: str) -> Inputs:
+    async def export(self, plan: Plan, algo: str, record: str | None = None) -> Inputs:
         """Write the cell's inputs as blobs in the local store.
+
+        ``record``, if given, is the cell to put in the local kernel's history
+        in the same request (one local round trip for both).
 
         Raises SerializationError, before anything runs, for the first input
         that cannot be serialized, and SyncError for an ``in=`` name that does
         not exist locally.
         """
+        agent = "__import__('sys').modules['__link_agent__']"
+        recording = f"{agent}.record(get_ipython(), {record!r})\n" if record is not None else ""
         if not plan.reads and not plan.placeholders:
+            if recording:
+                await self.local.call(recording)
             return Inputs()
         self.store.mkdir(parents=True, exist_ok=True, mode=0o700)
         started = time.perf_counter()
-        code = (
-            "__import__('sys').modules['__link_agent__']._last_export = "
-            "__import__('sys').modules['__link_agent__'].export("
+        code = recording + (
+            f"{agent}._last_export = {agent}.export("
             f"get_ipython(), {plan.reads!r}, {str(self.store)!r}, {algo!r}, {plan.placeholders!r})"
         )
-        result = await self.local.call(
-            code, {"manifest": "__import__('sys').modules['__link_agent__']._last_export"}
-        )
+        result = await self.local.call(code, {"manifest": f"{agent}._last_export"})
         manifest = json.loads(ast.literal_eval(result["manifest"]))
         missing = [n for n in manifest["missing"] if n in plan.reads] if plan.explicit else []
         if missing:
@@ -174,7 +178,7 @@ class VariableSync:
         return {
             "store": store,
             "algo": algo,
-            "inputs": {name: v["id"] for name, v in inputs.values.items()},
+            "inputs": {name: _entry(v) for name, v in inputs.values.items()},
             "modules": inputs.modules,
             "placeholders": inputs.placeholders,
             "outputs": plan.outputs,
@@ -183,7 +187,7 @@ class VariableSync:
 
     async def apply(self, outputs: Outputs) -> list[dict[str, str]]:
         """Bind the pulled outputs in the local kernel, all at once."""
-        values = {name: v["id"] for name, v in outputs.values.items()}
+        values = {name: _entry(v) for name, v in outputs.values.items()}
         if not values and not outputs.deleted and not outputs.modules:
             return []
         code = (
@@ -197,7 +201,18 @@ class VariableSync:
         return json.loads(ast.literal_eval(result["failures"]))
 
     def missing_locally(self, outputs: Outputs) -> list[str]:
-        return [v["id"] for v in outputs.values.values() if not (self.store / v["id"]).exists()]
+        return [
+            v["id"]
+            for v in outputs.values.values()
+            if "inline" not in v and not (self.store / v["id"]).exists()
+        ]
+
+
+def _entry(value: dict[str, Any]) -> Any:
+    """A manifest entry for the other side: the blob id, or the inline value."""
+    if "inline" in value:
+        return {"id": value["id"], "inline": value["inline"]}
+    return value["id"]
 
 
 def format_size(n: float) -> str:
