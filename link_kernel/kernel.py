@@ -48,7 +48,8 @@ from .connection import delim_index, header_of
 from .errors import ConnectionLostError, HostUnreachableError, LinkError
 from .hosts import HostConfig
 from .sync.files import Ignore, Journal
-from .sync.variables import VariableSync, format_size
+from .sync.variables import VariableSync, default_store, format_size
+from .reaper import Reaper
 from .relay import Relay
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ class LinkKernel(Kernel):
     reach_timeout = Float(
         3.0, help="Seconds to wait for a host to answer before it counts as unreachable."
     ).tag(config=True)
+    max_output = Float(
+        32 * 2**20,
+        help="Bytes of stream output per cell sent to the frontend; the rest is saved to a file.",
+    ).tag(config=True)
     show_target = Bool(
         True, help="Under each remote cell, one quiet line says where it ran and how long it took."
     ).tag(config=True)
@@ -133,14 +138,18 @@ class LinkKernel(Kernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="link-"))
+        self.reaper = Reaper(self.runtime_dir)
         self.default = routing.parse_targets(self.default_target)
         self.relay = Relay(self.session, self.iopub_socket, None)
+        self.relay.output_budget = int(self.max_output)
+        self.relay.spill_dir = default_store().parent / "outputs"
         self.local = LocalBackend(
             session=self.session,
             context=self.shell_stream.socket.context,
             relay=self.relay,
             runtime_dir=self.runtime_dir,
             start_timeout=self.local_start_timeout,
+            reaper=self.reaper,
         )
         self.remotes: dict[str, RemoteBackend] = {}
         self.sync = VariableSync(self.local)
@@ -197,6 +206,7 @@ class LinkKernel(Kernel):
             self.journal.stop()
             self.journal = None
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        await asyncio.to_thread(self.reaper.close)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Called on the control thread: stop the backends on the main loop."""
@@ -377,6 +387,7 @@ class LinkKernel(Kernel):
         silent = bool(content.get("silent", False))
         store = bool(content.get("store_history", not silent))
         self.relay.shell_idents = ident
+        self.relay.begin_cell(parent["header"]["msg_id"])
         started = time.perf_counter()
         try:
             reply = await self._execute(parent, frames, i, ident, code, silent, store)
@@ -386,6 +397,13 @@ class LinkKernel(Kernel):
             self.log.exception("execute_request failed inside the router")
             err = LinkError(f"internal error in the Link router: {exc!r}")
             reply = await self._failed(parent, code, err, silent, store)
+        cut, spill = self.relay.end_cell()
+        if cut:
+            self._note(
+                parent,
+                f"[link] output cut at {format_size(self.relay.output_budget)}: the cell printed "
+                f"{format_size(cut)} more, saved to {spill} \n",
+            )
         self.last_cell = {
             "target": reply.metadata.get("link", {}).get("target", "local"),
             "status": reply.status,

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.session import DELIM, Session
@@ -50,6 +52,50 @@ class Relay:
         #: Message types not to relay for the cell being served.
         self.drop: frozenset[str] = frozenset()
         self._stdin_kernel: KernelConnection | None = None
+        #: Stream output a cell may send the frontend; the rest goes to a file.
+        self.output_budget = 32 * 2**20
+        self.spill_dir: Path | None = None
+        self._cell = ""
+        self._spent = 0
+        self._cut = 0
+        self._spill: Any = None
+        self.spill_path: Path | None = None
+
+    def begin_cell(self, msg_id: str) -> None:
+        """Start counting the stream output of the cell ``msg_id``."""
+        self.end_cell()
+        self._cell, self._spent, self._cut = msg_id, 0, 0
+        self.spill_path = None
+
+    def end_cell(self) -> tuple[int, Path | None]:
+        """(bytes kept from the frontend, file holding them) of the cell that ended."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        cut, self._cut = self._cut, 0
+        self._cell = ""
+        return cut, self.spill_path
+
+    def _over_budget(self, frames: Frames, i: int, parent: str) -> bool:
+        """Count a stream message; past the budget, write it to a file instead."""
+        if parent != self._cell or not self._cell:
+            return False
+        size = len(_bytes(frames[i + 5]))
+        if self._spent + size <= self.output_budget and not self._cut:
+            self._spent += size
+            return False
+        try:
+            text = json.loads(_bytes(frames[i + 5])).get("text", "")
+        except ValueError:
+            text = ""
+        if self._spill is None:
+            base = self.spill_dir or Path(tempfile.gettempdir())
+            base.mkdir(parents=True, exist_ok=True)
+            self.spill_path = base / f"output-{self._cell}.txt"
+            self._spill = open(self.spill_path, "w", encoding="utf-8")  # noqa: SIM115
+        self._spill.write(text)
+        self._cut += size
+        return True
 
     def _same_key(self, conn: KernelConnection) -> bool:
         return conn.session.key == self.session.key and (
@@ -75,14 +121,19 @@ class Relay:
         """The ``on_iopub`` callback that relays ``conn``'s outputs."""
         if self._same_key(conn):
 
-            def relay_raw(frames: Frames, i: int, msg_type: str, _parent: str) -> None:
-                if msg_type not in self.drop:
-                    self.iopub.send_multipart(frames, copy=False)
+            def relay_raw(frames: Frames, i: int, msg_type: str, parent: str) -> None:
+                if msg_type in self.drop:
+                    return
+                if msg_type == "stream" and self._over_budget(frames, i, parent):
+                    return
+                self.iopub.send_multipart(frames, copy=False)
 
             return relay_raw
 
-        def relay_resigned(frames: Frames, i: int, msg_type: str, _parent: str) -> None:
+        def relay_resigned(frames: Frames, i: int, msg_type: str, parent: str) -> None:
             if msg_type in self.drop:
+                return
+            if msg_type == "stream" and self._over_budget(frames, i, parent):
                 return
             out = self._resign(conn, frames, i)
             if out is not None:

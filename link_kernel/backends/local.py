@@ -96,6 +96,7 @@ class LocalBackend(Backend):
         cwd: str | None = None,
         start_timeout: float = 60.0,
         spec: KernelSpec | None = None,
+        reaper=None,
     ) -> None:
         self.router_session = session
         self.context = context
@@ -104,12 +105,14 @@ class LocalBackend(Backend):
         self.cwd = cwd
         self.start_timeout = start_timeout
         self.spec = spec or ipykernel_spec()
+        self.reaper = reaper
         self.km: AsyncKernelManager | None = None
         self.conn: KernelConnection | None = None
         self.kernel_info: dict[str, Any] = {}
         self.session_number: int | None = None
         self._watch: asyncio.Task | None = None
         self._warming: asyncio.Future | None = None
+        self.pid: int | None = None
         self._running: Pending | None = None
         self.died: KernelDiedError | None = None
         self.death_reported = False
@@ -139,6 +142,9 @@ class LocalBackend(Backend):
         except Exception as exc:
             msg = f"the local kernel did not start: {exc}"
             raise KernelStartError(msg) from exc
+        self.pid = km.provisioner.pid
+        if self.reaper is not None:
+            self.reaper.watch(self.pid)  # its own session: pgid == pid
         conn = KernelConnection(
             km.get_connection_info(session=False),
             context=self.context,
@@ -176,6 +182,8 @@ class LocalBackend(Backend):
             except Exception:
                 log.exception("shutting down the local kernel failed; killing it")
                 await km.shutdown_kernel(now=True)
+            if self.reaper is not None and self.pid is not None:
+                self.reaper.forget(self.pid)
 
     async def restart(self) -> None:
         await self.shutdown(restart=True)

@@ -34,6 +34,7 @@ import zmq
 from ..connection import KernelConnection
 from ..errors import (
     CellInterrupted,
+    ConnectionLostError,
     HostUnreachableError,
     KernelDiedError,
     KernelStartError,
@@ -218,12 +219,17 @@ class RemoteBackend(Backend):
 
     def _on_exit(self, kernel: RemoteKernel, fut: asyncio.Future) -> None:
         result = fut.result() if not fut.cancelled() else {}
-        status = result.get("status")
-        if result.get("lost"):
-            desc = "the connection to it was lost"
+        transport = self.transport
+        if result.get("lost") and transport is not None and not transport.connected:
+            err: LinkError = ConnectionLostError(
+                self.name, f"lost the connection to {self.name} while its kernel ran"
+            )
+        elif result.get("lost"):
+            err = KernelDiedError(f"the kernel on {self.name} ended without a word")
         else:
-            desc = exit_description(status)
-        kernel.conn.close(KernelDiedError(f"the kernel on {self.name} died ({desc})"))
+            desc = exit_description(result.get("status"))
+            err = KernelDiedError(f"the kernel on {self.name} died ({desc})")
+        kernel.conn.close(err)
         self._live.discard(kernel)
         if self.kept is kernel:
             self.kept = None

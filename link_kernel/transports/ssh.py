@@ -1229,6 +1229,8 @@ class RemoteCommand:
                     del self._tail[: len(self._tail) - TAIL_BYTES]
         else:
             self._session.pump.unregister(chan)
+            if self._output_done.is_set():
+                return
             self._output_done.set()
         if self.on_output is not None:
             try:
@@ -1239,8 +1241,14 @@ class RemoteCommand:
     def _close_in_pump(self) -> None:
         self._session.pump.unregister(self._chan)
         self._chan.close()
+        ended = self._output_done.is_set()
         self._output_done.set()
         self._session.commands.discard(self)
+        if not ended and self.on_output is not None:
+            try:
+                self.on_output(b"")  # the output ends here too (closed, or connection lost)
+            except Exception:
+                log.exception("an output callback of %r failed", self)
 
 
 # ---------------------------------------------------------------------------
@@ -1995,7 +2003,21 @@ class SSHTransport(Transport):
                 if not connection.alive:
                     raise ConnectionLostError(self.alias, f"{self.alias} went away while "
                                               f"receiving {blob_id}") from exc
-                raise TransferError(f"sending {blob_id} to {self.alias} failed: {exc}") from exc
+                size = os.path.getsize(os.path.join(local_store, blob_id))
+                raise TransferError(self._why_not(f"sending {blob_id} to {self.alias} failed",
+                                                  exc, self.blob_dir, size)) from exc
+
+    def _why_not(self, doing: str, exc: BaseException, directory: str, size: int) -> str:
+        """The reason a write on the host failed, in words (SFTP says only 'Failure')."""
+        try:
+            status, out, _ = self._live().exec(["df", "-Pk", directory], timeout=10)
+            free = int(out.decode().splitlines()[-1].split()[3]) * 1024 if status == 0 else -1
+        except (LinkError, OSError, ValueError, IndexError, TimeoutError):
+            free = -1
+        if 0 <= free < size:
+            return (f"{doing}: no space left on {self.alias} in {directory} "
+                    f"({free // 2**20} MiB free, {max(1, size // 2**20)} MiB needed)")
+        return f"{doing}: {exc}"
 
     async def pull_blobs(self, ids: list[str], local_store: str) -> None:
         await asyncio.to_thread(self._pull_blobs, ids, local_store)

@@ -1,0 +1,218 @@
+"""Link never widens who can reach a kernel, and never trusts bytes it cannot check.
+
+(Unknown and changed host keys are refused in tests/test_ssh_hosts.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import zmq
+from kernel_client import descendants, start_client
+from remote_hosts import register
+from test_ssh_hosts import ssh_host
+
+from link_kernel import agent
+from link_kernel.transports import Supervisor
+
+KEY = re.compile(rb"[0-9a-f]{64}")
+
+
+def listening(pid: int) -> list[str]:
+    """The local addresses ``pid`` listens on (TCP, IPv4 and IPv6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.append(_address(fields[1]))
+    return found
+
+
+def _address(hex_address: str) -> str:
+    host, port = hex_address.split(":")
+    if len(host) == 8:
+        ip = ".".join(str(int(host[i : i + 2], 16)) for i in (6, 4, 2, 0))
+    else:
+        ip = "::1" if host == "00000000000000000000000001000000" else host
+    return f"{ip}:{int(port, 16)}"
+
+
+def test_remote_kernels_and_tunnels_listen_on_loopback_only(sshd, tmp_path):
+    register(ssh_host("loopback", sshd, tmp_path))
+    client = start_client("link", cwd=str(tmp_path))
+    try:
+        pid = int(client.run("# link: loopback keep\nimport os\nos.getpid()").result)
+        kernel_ports = listening(pid)
+        router_ports = listening(client.pid)
+        assert len(kernel_ports) >= 4
+        assert all(a.startswith("127.0.0.1:") for a in kernel_ports), kernel_ports
+        assert all(a.startswith("127.0.0.1:") for a in router_ports), router_ports
+        client.run("%link release loopback")
+    finally:
+        client.shutdown()
+
+
+def test_connection_files_are_private_and_removed(tmp_path, sshd):
+    register(ssh_host("private", sshd, tmp_path))
+    client = start_client("link", cwd=str(tmp_path))
+    try:
+        client.run("# link: private keep\n1")
+        runtime = [Path(_last_arg(p)) for p in descendants(client.pid)
+                   if _last_arg(p).startswith("/tmp/link-")]
+        assert len(runtime) == 1
+        assert stat.S_IMODE(runtime[0].stat().st_mode) & 0o777 == 0o700
+        files = list(runtime[0].glob("*.json"))
+        assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+        assert not list((tmp_path / "private-work" / ".link").glob("kernel-*.json"))
+        client.run("%link release private")
+    finally:
+        client.shutdown()
+    assert not runtime[0].exists()
+
+
+def _last_arg(pid: int) -> str:
+    try:
+        args = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return ""
+    return args[-1].decode(errors="replace") if args else ""
+
+
+def _all_command_lines() -> bytes:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes())
+            except OSError:
+                pass
+    return b"\n".join(out)
+
+
+def test_no_key_on_a_command_line_or_in_a_log(sshd, tmp_path):
+    """The router's key and a remote kernel's key, while both are in use."""
+    from link_kernel.backends.remote import RemoteBackend
+
+    host = ssh_host("secret", sshd, tmp_path)
+    log = tmp_path / "router.log"
+
+    class NoRelay:
+        def iopub_sink(self, conn):
+            return lambda *a: None
+
+        def on_stdin_request(self, *a):
+            return None
+
+    async def remote_key() -> bytes:
+        context = zmq.Context()
+        backend = RemoteBackend(host, local_dir=str(tmp_path), context=context, relay=NoRelay(),
+                                sync=None)
+        kernel = await backend.start_kernel({})
+        key = kernel.provisioner.remote_info["key"].encode()
+        lines = _all_command_lines()
+        await backend._release(kernel)
+        await backend.shutdown()
+        context.term()
+        return key, lines
+
+    with log.open("wb") as stream:
+        from jupyter_client.manager import KernelManager
+
+        km = KernelManager(kernel_name="link")
+        km.start_kernel(stdout=stream, stderr=stream, extra_arguments=["--debug"])
+        try:
+            kc = km.client()
+            kc.start_channels()
+            kc.wait_for_ready(timeout=60)
+            kc.execute_interactive("x = 1", timeout=30)
+            router_key = km.session.key
+            router_lines = _all_command_lines()
+            key, lines = asyncio.run(remote_key())
+            kc.stop_channels()
+        finally:
+            km.shutdown_kernel()
+    assert router_key and key
+    for secret in (router_key, key):
+        assert secret not in router_lines and secret not in lines
+        assert secret not in log.read_bytes()
+        assert secret.decode() not in "\n".join(sshd.log)
+    assert not [m for m in KEY.findall(lines) if m in (router_key, key)]
+
+
+def test_only_blobs_that_match_their_hash_are_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    blob_id, size = agent.write_blob(str(tmp_path), Payload(), "sha256")
+    path = tmp_path / blob_id
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(agent.BlobError, match="does not match its hash"):
+        agent.read_blob(str(tmp_path), blob_id)
+    assert not marker.exists()
+
+    forged = tmp_path / ("sha256-" + "0" * 64)
+    forged.write_bytes(bytes(data))
+    with pytest.raises(agent.BlobError):
+        agent.read_blob(str(tmp_path), forged.name)
+    assert not marker.exists()
+
+    small_id, parts = agent.blob_of([1, 2, 3], "xxh3")
+    entry = agent.describe([1, 2, 3], small_id, parts, str(tmp_path))
+    assert agent.load_entry(str(tmp_path), entry) == [1, 2, 3]
+    import base64
+
+    tampered = bytearray(base64.b64decode(entry["inline"]))
+    tampered[-9] ^= 0x01
+    entry["inline"] = base64.b64encode(bytes(tampered)).decode()
+    with pytest.raises(agent.BlobError):
+        agent.load_entry(str(tmp_path), entry)
+
+
+class FakeSupervisor(Supervisor):
+    """Feeds scripted supervisor lines: a unit-test seam for the start checks."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("hello", "message"),
+    [
+        ({"python": "3.9.18", "executable": "/opt/py39/bin/python", "missing": []},
+         "gpu runs Python 3.9.18 but this notebook runs"),
+        ({"python": "3.11.2", "executable": "/usr/bin/python3", "missing": ["ipykernel", "dill"]},
+         "the python on gpu (/usr/bin/python3) lacks ipykernel, dill"),
+    ],
+)
+def test_a_host_python_that_does_not_fit_is_refused(hello, message):
+    from link_kernel.errors import RemoteEnvironmentError
+
+    async def check():
+        supervisor = FakeSupervisor("gpu", asyncio.get_running_loop())
+        supervisor._feed(f"LINK HELLO {__import__('json').dumps(hello)}\n".encode())
+        await supervisor.started(5, (3, 11))
+
+    with pytest.raises(RemoteEnvironmentError, match=re.escape(message)):
+        asyncio.run(check())
