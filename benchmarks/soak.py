@@ -25,10 +25,7 @@ def router_state(pid: int) -> dict[str, int]:
     return {
         "processes": len(descendants(pid)),
         "fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
-        "threads": sum(1 for t in Path(f"/proc/{pid}/task").iterdir()
-                       if not (t / "comm").read_text().startswith("asyncio_")),
-        "pool threads": sum(1 for t in Path(f"/proc/{pid}/task").iterdir()
-                            if (t / "comm").read_text().startswith("asyncio_")),
+        "threads": len(list(Path(f"/proc/{pid}/task").iterdir())),
         "rss_kib": rss,
     }
 
@@ -70,31 +67,37 @@ def main() -> None:
         client = link_client(base / "notebook")
         try:
             client.run("import numpy as np\nstate = {'n': 0}\narr = np.zeros(10_000)")
-            for i in range(6):
+            for i in range(30):  # long enough for asyncio's worker pool to reach its size
                 client.run(cell(i))
             client.run("%link release")
             time.sleep(1)
             before = router_state(client.pid)
+
             host_before = host_kernels()
             started = time.monotonic()
+            samples = []
             for i in range(args.n):
                 result = client.run(cell(i), timeout=300)
                 if result.status != "ok":
                     raise SystemExit(f"cell {i} failed: {result.text}")
+                if (i + 1) % 100 == 0:
+                    samples.append(router_state(client.pid))
             elapsed = time.monotonic() - started
             count = int(client.run("state['n']").result)
             client.run("%link release")
             time.sleep(1)
             after = router_state(client.pid)
+
             host_after = host_kernels()
         finally:
             client.shutdown()
     print(f"{args.n} cells (local, process, ssh in turn) in {elapsed:.1f} s; "
-          f"state['n'] = {count} (expected {6 + args.n})")
+          f"state['n'] = {count} (expected {30 + args.n})")
     for key in ("processes", "fds", "threads"):
         print(f"router {key:<10} {before[key]:5d} -> {after[key]:5d}   leaked {after[key] - before[key]:+d}")
-    print(f"(asyncio's worker pool, which grows to at most min(32, cores + 4) threads on demand: "
-          f"{before['pool threads']} -> {after['pool threads']})")
+    print("every 100 cells: " + "; ".join(
+        f"{s['processes']} processes, {s['fds']} fds, {s['threads']} threads, "
+        f"{s['rss_kib'] / 1024:.1f} MiB" for s in samples))
     print(f"host kernels      {host_before:5d} -> {host_after:5d}   leaked {host_after - host_before:+d}")
     growth = (after["rss_kib"] - before["rss_kib"]) / 1024
     print(f"router RSS        {before['rss_kib'] / 1024:5.1f} -> {after['rss_kib'] / 1024:5.1f} MiB"

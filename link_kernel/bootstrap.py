@@ -33,7 +33,9 @@ SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
 
 
 def report(fd, word, payload):
-    os.write(fd, ("LINK %s %s\n" % (word, json.dumps(payload))).encode())
+    # One write (atomic on pipes and ttys), starting on a fresh line: the kernel
+    # may have left a line unfinished on the same output before it captured it.
+    os.write(fd, ("\nLINK %s %s\n" % (word, json.dumps(payload))).encode())
 
 
 def killpg(pgid, sig):
@@ -137,7 +139,8 @@ def run_kernel(conn_file, agent_file, kernel_args):
     os.close(devnull)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    argv = [sys.executable, "-c", KERNEL_MAIN, agent_file, conn_file] + list(kernel_args)
+    parent = "--IPKernelApp.parent_handle=%d" % os.getppid()  # it dies with its supervisor
+    argv = [sys.executable, "-c", KERNEL_MAIN, agent_file, conn_file, parent] + list(kernel_args)
     os.execv(sys.executable, argv)
 
 

@@ -380,6 +380,9 @@ class RemoteBackend(Backend):
             )
         except (LinkError, asyncio.TimeoutError):
             pass
+        except BaseException:  # cancelled (released, shut down): end what was started
+            await asyncio.shield(self._release(kernel))
+            raise
         return kernel
 
     def _offer_standby(self, kernel: RemoteKernel) -> None:
