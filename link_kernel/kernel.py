@@ -152,6 +152,7 @@ class LinkKernel(Kernel):
             reaper=self.reaper,
         )
         self.remotes: dict[str, RemoteBackend] = {}
+        self._retired: set[asyncio.Future] = set()
         self.sync = VariableSync(self.local)
         self.journal: Journal | None = None
         self._raw: dict[str, tuple[list, int]] = {}
@@ -195,6 +196,8 @@ class LinkKernel(Kernel):
     async def stop_backends(self, *, restart: bool = False) -> None:
         """End every kernel the router started. Runs on the main loop."""
         self._closing = True
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
         backends = [*self.remotes.values(), self.local]
         results = await asyncio.gather(
             *(b.shutdown(restart=restart) for b in backends), return_exceptions=True
@@ -543,9 +546,13 @@ class LinkKernel(Kernel):
         """The backend of a known target, created on first use."""
         if target == routing.LOCAL:
             return self.local
+        host = self.hosts()[target]
         backend = self.remotes.get(target)
+        if backend is not None and backend.host != host:
+            # 'link-kernel hosts add' changed it: the old settings' kernels end
+            self._retired.add(asyncio.ensure_future(backend.shutdown()))
+            backend = None
         if backend is None:
-            host = self.hosts()[target]
             backend = RemoteBackend(
                 host,
                 local_dir=os.getcwd(),

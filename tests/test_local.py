@@ -182,14 +182,20 @@ def test_link_lines_run_with_the_rest_of_the_cell(link):
     assert len(result.inputs) == 1
 
 
+def _local_pid(client) -> int:
+    status = client.run("%link status").outputs[0]["content"]["data"]["text/plain"]
+    return int(re.search(r"^local\s+running\s+pid (\d+)", status, re.M).group(1))
+
+
 def test_local_kernel_death_is_reported_and_the_next_cell_works(fresh_link):
-    before = fresh_link.descendants()
+    old = _local_pid(fresh_link)
     result = fresh_link.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     assert result.status == "error"
     assert result.error["ename"] == "KernelDiedError"
     assert "signal 9" in result.error["evalue"]
     assert fresh_link.run("'alive again'").result == "'alive again'"
-    assert not any(alive(p) for p in before)
+    assert not alive(old)
+    assert _local_pid(fresh_link) != old
 
 
 def test_shutdown_leaves_no_child_process():

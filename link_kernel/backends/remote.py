@@ -289,17 +289,28 @@ class RemoteBackend(Backend):
         interrupt before that (connecting, starting, sending inputs) cancels
         the cell, which then never runs.
         """
-        self._preparing = asyncio.ensure_future(self._prepare(request))
         try:
-            kernel, plan, inputs, keep, timings = await self._preparing
-        except asyncio.CancelledError:
-            if self._preparing is not None and self._preparing.cancelled():
-                msg = f"interrupted before the cell ran on {self.name}"
-                raise CellInterrupted(msg) from None
+            self._preparing = asyncio.ensure_future(self._prepare(request))
+            try:
+                kernel, plan, inputs, keep, timings = await self._preparing
+            except asyncio.CancelledError:
+                if self._preparing is not None and self._preparing.cancelled():
+                    msg = f"interrupted before the cell ran on {self.name}"
+                    raise CellInterrupted(msg) from None
+                raise
+            finally:
+                self._preparing = None
+            return await self._execute(request, kernel, plan, inputs, keep, timings)
+        except (LinkError, asyncio.CancelledError):
             raise
-        finally:
-            self._preparing = None
-        return await self._execute(request, kernel, plan, inputs, keep, timings)
+        except Exception as exc:
+            # A library error from a broken link (EOFError, an SSH or socket error)
+            # is the host going away, when it is gone; anything else is a bug.
+            transport = self.transport
+            if transport is not None and not transport.connected:
+                msg = f"lost the connection to {self.name}: {exc!r}"
+                raise ConnectionLostError(self.name, msg) from exc
+            raise
 
     async def _prepare(self, request: ExecuteRequest):
         timings: dict[str, float] = {}

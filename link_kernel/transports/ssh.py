@@ -41,6 +41,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import secrets
 import selectors
 import shlex
@@ -1832,6 +1833,11 @@ def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
 
 #: Files from this size up move with the OpenSSH client when it is there.
 BULK_MIN = 16 * 2**20
+#: What OpenSSH says when it cannot log in at all (as opposed to a broken connection).
+_CANNOT_LOG_IN = re.compile(
+    r"Permission denied|Host key verification failed|no such identity|Bad configuration|"
+    r"Could not resolve|command-line|Too many authentication failures|kex_exchange_identification"
+)
 
 
 class SSHSupervisor(Supervisor):
@@ -2049,11 +2055,16 @@ class SSHTransport(Transport):
         else:
             _quietly(self._live().sftp().remove, temp)
         error = proc.stderr.decode(errors="replace").strip()
-        if proc.returncode == 255:  # ssh itself failed: fall back to SFTP from now on
-            log.warning("OpenSSH cannot reach %s (%s); using SFTP for big files", self.alias, error)
+        doing = f"{'sending' if upload else 'fetching'} {posixpath.basename(remote)}"
+        if proc.returncode == 255 and _CANNOT_LOG_IN.search(error):
+            # OpenSSH cannot log in where paramiko can (an agent it cannot see, an
+            # option it rejects): fall back to SFTP, from now on
+            log.warning("OpenSSH cannot log in to %s (%s); using SFTP for big files",
+                        self.alias, error)
             self._bulk_failed = True
             return False
-        doing = f"{'sending' if upload else 'fetching'} {posixpath.basename(remote)}"
+        if proc.returncode == 255:
+            raise ConnectionLostError(self.alias, f"{doing}: the connection broke ({error})")
         if "No space left" in error:
             raise TransferError(f"{doing}: no space left on {self.alias}: {error}")
         raise TransferError(f"{doing} with OpenSSH failed: {error or proc.returncode}")

@@ -172,10 +172,21 @@ class Notebook:
         self.indicator = self.panel.locator(".jp-Notebook-ExecutionIndicator")
         self.idle = self.panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
 
-    def wait_ready(self) -> None:
-        """The notebook is shown and its kernel has started and is idle."""
+    def wait_ready(self, kernel: str = "Link (hybrid)") -> None:
+        """The notebook is shown and its kernel has started and is idle.
+
+        Before a session exists the indicator says idle under "No Kernel", so the
+        kernel's name must show first; the status bar then says "NAME | Idle".
+        """
         expect(self.panel.locator(".jp-Notebook")).to_be_visible(timeout=KERNEL_TIMEOUT_MS)
+        expect(self.kernel_name).to_have_text(kernel, timeout=KERNEL_TIMEOUT_MS)
         expect(self.idle).to_have_count(1, timeout=KERNEL_TIMEOUT_MS)
+        expect(self.status_bar).to_have_text(f"{kernel} | Idle", timeout=KERNEL_TIMEOUT_MS)
+
+    @property
+    def status_bar(self) -> Locator:
+        """The status bar's kernel item: "Link (hybrid) | Idle"."""
+        return self.page.locator(".jp-StatusBar-TextItem", has_text=" | ")
 
     @property
     def kernel_name(self) -> Locator:
@@ -216,6 +227,6 @@ class Notebook:
         return self.outputs(index)
 
     def save(self) -> None:
-        self.panel.click(position={"x": 5, "y": 5})
-        self.page.keyboard.press("ControlOrMeta+s")
-        expect(self.page.locator(".jp-mod-dirty")).to_have_count(0)
+        """Save with the toolbar's button; wait until the tab no longer shows changes."""
+        self.panel.locator("jp-button[data-command='docmanager:save']").click()
+        expect(self.page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty")).to_have_count(0)
