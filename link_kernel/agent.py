@@ -85,22 +85,22 @@ def _to_host_memory(obj):
     move in place; a remote kernel is discarded after the cell anyway) and
     cupy arrays. The local machine needs no GPU to load what comes back.
     """
-    module = type(obj).__module__ or ""
-    if module.startswith("torch"):
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cpu":
                 return obj.detach().to("cpu")
-            if isinstance(obj, torch.nn.Module):
-                devices = {p.device.type for p in obj.parameters()} | {
-                    b.device.type for b in obj.buffers()
-                }
-                if devices - {"cpu"}:
-                    return obj.to("cpu")
-    elif module.startswith("cupy"):
-        cupy = sys.modules.get("cupy")
-        if cupy is not None and isinstance(obj, cupy.ndarray):
-            return cupy.asnumpy(obj)
+            return None
+        if isinstance(obj, torch.nn.Module):
+            devices = {p.device.type for p in obj.parameters()} | {
+                b.device.type for b in obj.buffers()
+            }
+            if devices - {"cpu"}:
+                return obj.to("cpu")
+            return None
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(obj, cupy.ndarray):
+        return cupy.asnumpy(obj)
     return None
 
 

@@ -76,13 +76,17 @@ def test_a_host_that_vanishes_mid_cell(link_faults, proxied):
     link_faults.run("import numpy as np\nkept = np.arange(5)\nlabel = 'before'")
     before = digest(link_faults)
     msg_id = link_faults.kc.execute(
-        "# link: flaky\nimport time\nlabel = 'after'\nprint('running', flush=True)\ntime.sleep(60)"
+        "# link: flaky\nimport os, time\nlabel = 'after'\nprint('running', os.getpid(), flush=True)\n"
+        "time.sleep(60)"
     )
-    wait_for_output(link_faults, msg_id, "running")
+    pid = int(wait_for_output(link_faults, msg_id, "running").split()[1])
     proxied.blackhole()
     start = time.monotonic()
     reply = reply_of(link_faults, msg_id, timeout=30)
     assert time.monotonic() - start < 15
+    assert wait_gone([pid], timeout=15 - (time.monotonic() - start)) == [], (
+        "the host did not kill the kernel of a router that went silent"
+    )
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] in ("ConnectionLostError", "KernelDiedError")
     assert "flaky" in reply["content"]["evalue"]

@@ -175,3 +175,16 @@ def test_a_cell_magic_behind_a_routing_comment_runs_remotely(link_remote, remote
     assert result.status == "ok", result.text
     assert [m["content"]["code"] for m in result.inputs] == [code]
     assert link_remote.run("from_magic").result == "9"
+
+
+def test_an_idle_kept_kernel_is_released(link_remote, remote, tmp_path):
+    from link_kernel import hosts
+
+    config = hosts.load_registry()[remote]
+    register(HostConfig(**{**config.__dict__, "alias": "idler", "idle_timeout": 1.0, "standby": False,
+                           "source": "registry"}))
+    pid = int(link_remote.run("# link: idler keep\nimport os\nos.getpid()").result)
+    assert alive(pid)
+    assert wait_gone([pid], timeout=10) == []
+    status = link_remote.run("%link status").outputs[0]["content"]["data"]["text/plain"]
+    assert "kept kernel" not in [line for line in status.splitlines() if line.startswith("idler")][0]

@@ -124,6 +124,10 @@ def test_hosts_cli_adds_checks_and_lists(sshd, tmp_path):
     for step in ("connect", "start", "ready", "run 1+1", "stop"):
         assert step in checked.stdout
     assert "1+1 = 2" in checked.stdout
+    kernels = subprocess.run([*base, "kernels", "cli-host"], capture_output=True, text=True, env=env,
+                             timeout=120)
+    assert kernels.returncode == 0, kernels.stderr
+    assert "python3" in kernels.stdout and "link" in kernels.stdout
     removed = subprocess.run([*base, "remove", "cli-host"], capture_output=True, text=True, env=env)
     assert removed.returncode == 0
     again = subprocess.run([*base, "remove", "cli-host"], capture_output=True, text=True, env=env)

@@ -132,3 +132,41 @@ def test_a_deleted_value_is_not_sent_just_to_be_deleted(link_remote, remote):
     assert result.status == "ok"
     assert result.reply["metadata"]["link"]["sent"] == 0
     assert link_remote.run("'heavy' in globals()").result == "False"
+
+
+def test_torch_tensors_and_modules_come_back(link_remote, remote):
+    link_remote.run("import torch\nx = torch.arange(6.0).reshape(2, 3)")
+    result = link_remote.run(
+        f"# link: {remote}\nimport torch\nlayer = torch.nn.Linear(3, 2)\n"
+        "torch.nn.init.constant_(layer.weight, 1.0)\ntorch.nn.init.zeros_(layer.bias)\n"
+        "y = layer(x).detach()\nx.mul_(2)"
+    )
+    assert result.status == "ok", result.text
+    back = link_remote.run("(y.tolist(), x[0].tolist(), y.device.type, next(layer.parameters()).device.type)")
+    assert eval(back.result) == ([[3.0, 3.0], [12.0, 12.0]], [0.0, 2.0, 4.0], "cpu", "cpu")
+
+
+def test_the_gpu_hook_moves_tensors_to_the_cpu():
+    """No GPU here: a tensor that says it lives on cuda stands in for one."""
+    import pickle
+
+    import torch
+
+    from link_kernel import agent
+
+    moved = []
+
+    class OnGpu(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+        def to(self, *args, **kwargs):
+            moved.append(args)
+            return torch.tensor(self.tolist())
+
+    t = torch.tensor([1.0, 2.0]).as_subclass(OnGpu)
+    pickled, buffers = agent.dumps({"weights": t})
+    back = pickle.loads(pickled, buffers=buffers)["weights"]
+    assert moved == [("cpu",)]
+    assert type(back) is torch.Tensor and back.device.type == "cpu" and back.tolist() == [1.0, 2.0]
