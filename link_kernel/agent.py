@@ -719,6 +719,10 @@ def _wrap_execute(shell, kernel, original):
         started = time.perf_counter()
         try:
             cell.load()
+        except KeyboardInterrupt:
+            _refuse(shell, kernel, stream, ident, parent, "interrupted before the cell ran",
+                    "KeyboardInterrupt")
+            return None
         except Exception as exc:
             _refuse(shell, kernel, stream, ident, parent, exc)
             return None
@@ -731,7 +735,7 @@ def _wrap_execute(shell, kernel, original):
         if succeeded and instructions.get("store"):
             try:
                 content.update(cell.result())
-            except Exception as exc:
+            except (Exception, KeyboardInterrupt) as exc:  # nothing comes back; the cell ran
                 content["errors"] = {"*": {"type": "", "reason": _reason(exc)}}
         if cell.scan:  # files come back whether or not the cell succeeded
             flush_open_files()  # what the cell wrote to files it left open counts
@@ -755,13 +759,13 @@ async def _call(handler, *args):
     return result
 
 
-def _refuse(shell, kernel, stream, ident, parent, exc) -> None:
+def _refuse(shell, kernel, stream, ident, parent, exc, ename: str = "TransferError") -> None:
     """Reply to a cell whose inputs did not load, without running it."""
     count = shell.execution_count
     content = {
-        "ename": "TransferError",
+        "ename": ename,
         "evalue": str(exc),
-        "traceback": [f"\x1b[0;31mTransferError\x1b[0m: {exc}"],
+        "traceback": [f"\x1b[0;31m{ename}\x1b[0m: {exc}"],
     }
     session = kernel.session
     session.send(kernel.iopub_socket, "execute_input", {"code": parent["content"].get("code", ""),

@@ -37,7 +37,7 @@ from ipykernel._version import kernel_protocol_version as PROTOCOL_VERSION
 from ipykernel.kernelbase import Kernel
 from jupyter_client.session import DELIM
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Float, Unicode
+from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__, routing
 from .backends import Backend, ExecuteRequest, Reply
@@ -45,9 +45,9 @@ from . import hosts as hosts_module
 from .backends.local import LocalBackend
 from .backends.remote import RemoteBackend
 from .connection import delim_index, header_of
-from .errors import ConnectionLostError, HostUnreachableError, LinkError
+from .errors import ConnectionLostError, FileSyncError, HostUnreachableError, LinkError
 from .hosts import HostConfig
-from .sync.files import Ignore, Journal
+from .sync.files import Ignore, Journal, too_big
 from .sync.variables import VariableSync, default_store, format_size
 from .reaper import Reaper
 from .relay import Relay
@@ -131,6 +131,12 @@ class LinkKernel(Kernel):
         32 * 2**20,
         help="Bytes of stream output per cell sent to the frontend; the rest is saved to a file.",
     ).tag(config=True)
+    sync_max_files = Int(
+        100_000, help="A notebook folder with more files than this is not synced (see .linkignore)."
+    ).tag(config=True)
+    sync_max_bytes = Int(
+        16 * 2**30, help="A notebook folder with more bytes than this is not synced."
+    ).tag(config=True)
     show_target = Bool(
         True, help="Under each remote cell, one quiet line says where it ran and how long it took."
     ).tag(config=True)
@@ -155,10 +161,13 @@ class LinkKernel(Kernel):
         self._retired: set[asyncio.Future] = set()
         self.sync = VariableSync(self.local)
         self.journal: Journal | None = None
+        self._unsynced = ""  # why the notebook folder is not synced, once said
         self._raw: dict[str, tuple[list, int]] = {}
         self._active: Backend | None = None
         self._echoed = ""
         self._recording: ExecuteRequest | None = None
+        self._in_cell = False
+        self._interrupt_waiting = False
         self._started: asyncio.Task | None = None
         self._closing = False
         self.last_cell: dict[str, Any] = {}
@@ -229,11 +238,15 @@ class LinkKernel(Kernel):
 
     async def interrupt_active(self) -> None:
         backend = self._active
-        if backend is not None:
-            try:
-                await backend.interrupt()
-            except Exception:
-                self.log.exception("interrupting %s failed", backend.name)
+        if backend is None:
+            # between cells, or a cell still choosing its target: the next
+            # backend to run it gets the interrupt as soon as it starts
+            self._interrupt_waiting = self._in_cell
+            return
+        try:
+            await backend.interrupt()
+        except Exception:
+            self.log.exception("interrupting %s failed", backend.name)
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -391,6 +404,7 @@ class LinkKernel(Kernel):
         store = bool(content.get("store_history", not silent))
         self.relay.shell_idents = ident
         self.relay.begin_cell(parent["header"]["msg_id"])
+        self._in_cell, self._interrupt_waiting = True, False
         started = time.perf_counter()
         try:
             reply = await self._execute(parent, frames, i, ident, code, silent, store)
@@ -400,6 +414,7 @@ class LinkKernel(Kernel):
             self.log.exception("execute_request failed inside the router")
             err = LinkError(f"internal error in the Link router: {exc!r}")
             reply = await self._failed(parent, code, err, silent, store)
+        self._in_cell = self._interrupt_waiting = False
         cut, spill = self.relay.end_cell()
         if cut:
             self._note(
@@ -487,6 +502,9 @@ class LinkKernel(Kernel):
         request.record = store and not silent
         self._recording = request
         self._active = backend
+        if self._interrupt_waiting:
+            self._interrupt_waiting = False
+            await backend.interrupt()
         self.relay.drop = frozenset({"execute_input"})
         try:
             reply = await backend.execute(request)
@@ -553,24 +571,41 @@ class LinkKernel(Kernel):
             self._retired.add(asyncio.ensure_future(backend.shutdown()))
             backend = None
         if backend is None:
+            journal = self._journal()
             backend = RemoteBackend(
                 host,
                 local_dir=os.getcwd(),
                 context=self.shell_stream.socket.context,
                 relay=self.relay,
                 sync=self.sync,
-                journal=self._journal(),
+                journal=journal,
                 start_timeout=self.remote_start_timeout,
                 reach_timeout=self.reach_timeout,
             )
+            if journal is None:
+                backend.notes.append(self._unsynced)
             self.remotes[target] = backend
         return backend
 
-    def _journal(self) -> Journal:
-        """The change journal of the notebook folder, started on first use."""
-        if self.journal is None:
+    def _journal(self) -> Journal | None:
+        """The change journal of the notebook folder, started on first use.
+
+        None, with a note, when the folder is too big to sync file by file (a
+        notebook opened in a home directory or /tmp): cells still run remotely,
+        their files stay where they are.
+        """
+        if self.journal is None and not self._unsynced:
             root = os.getcwd()
-            self.journal = Journal(root, Ignore(root))
+            ignore = Ignore(root)
+            why = too_big(root, ignore, self.sync_max_files, self.sync_max_bytes)
+            if why:
+                self._unsynced = (
+                    f"[link] files are not synced: the notebook folder {root} is too big ({why}). "
+                    "List what hosts do not need in .linkignore and restart the kernel, "
+                    "or move the notebook to a project folder.\n"
+                )
+                return None
+            self.journal = Journal(root, ignore)
             self.journal.start()
         return self.journal
 
@@ -696,6 +731,8 @@ class LinkKernel(Kernel):
         lines = []
         for name in names:
             backend = self.backend(name)
+            if backend.journal is None:
+                raise FileSyncError(self._unsynced.removeprefix("[link] ").strip())
             report = await backend.sync_files()
             for note in backend.notes:
                 self._note(parent, note)

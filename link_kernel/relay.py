@@ -110,6 +110,11 @@ class Relay:
             if not hmac.compare_digest(expected, _bytes(frames[i + 1])):
                 log.warning("dropped a message from %s with a bad signature", conn.name)
                 return None
+        # The frontend sees one kernel: every message carries the router's session id
+        # (JupyterLab drops comm and display messages that arrive out of session order).
+        header = json.loads(parts[0])
+        header["session"] = self.session.session
+        parts[0] = self.session.pack(header)
         if self.rewrite is not None:
             msg_type = json.loads(parts[0])["msg_type"]
             content = self.rewrite(msg_type, json.loads(parts[3]))

@@ -9,6 +9,8 @@ import os
 import time
 from pathlib import Path
 
+from kernel_client import start_client
+
 
 def notebook_dir(client) -> Path:
     return Path(eval(client.run("import os; os.getcwd()").result))
@@ -123,3 +125,27 @@ def test_a_file_the_cell_left_open_comes_back_whole(link_remote, remote):
     result = link_remote.run(f"# link: {remote}\nlog = open('left-open.log', 'w')\nlog.write('all of it\\n')")
     assert result.status == "ok", result.text
     assert (here / "left-open.log").read_text() == "all of it\n"
+
+
+def test_a_folder_too_big_to_sync_says_so_and_cells_still_run(remote, tmp_path):
+    """A notebook opened in a huge folder (a home directory, /tmp) is not synced."""
+    profile = tmp_path / "ipython" / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "link_kernel_config.py").write_text("c.LinkKernel.sync_max_files = 20\n")
+    folder = tmp_path / "notebook"
+    for i in range(21):
+        (folder / "many").mkdir(parents=True, exist_ok=True)
+        (folder / "many" / f"{i}.txt").write_text(str(i))
+    client = start_client("link", cwd=str(folder), env={"IPYTHONDIR": str(tmp_path / "ipython")})
+    try:
+        first = client.run(f"# link: {remote}\nopen('made.txt', 'w').write('x')\n6 * 7")
+        assert first.result == "42", first.text
+        assert "files are not synced" in first.stderr and "more than 20 files" in first.stderr
+        assert not (folder / "made.txt").exists()  # it stayed on the host
+        second = client.run(f"# link: {remote}\n1")
+        assert "files are not synced" not in second.stderr  # said once
+        sync = client.run(f"%link sync {remote}")
+        assert sync.error and sync.error["ename"] == "FileSyncError", sync.text
+        assert "too big" in sync.error["evalue"]
+    finally:
+        client.shutdown()

@@ -30,6 +30,7 @@ from link_kernel.sync.files import (
     SyncReport,
     conflict_name,
     scan_tree,
+    too_big,
 )
 
 OLD = 1_600_000_000_123_456_789  # an mtime (ns) no test writes by accident
@@ -608,3 +609,20 @@ def test_journal_threads_are_joined(tmp_path):
     assert journal.alive
     journal.stop()
     assert set(threading.enumerate()) <= before
+
+
+def test_too_big_counts_what_is_kept_and_stops_early(tmp_path):
+    for i in range(30):
+        write(tmp_path / "data" / f"{i}.bin", b"x" * 1000)
+    for i in range(500):
+        write(tmp_path / "node_modules" / f"{i}.js", "")  # a default exclude: never counted
+    ignore = Ignore(str(tmp_path))
+    assert too_big(str(tmp_path), ignore, 30, 10**6) == ""
+    assert too_big(str(tmp_path), ignore, 29, 10**6) == "it holds more than 29 files"
+    assert too_big(str(tmp_path), ignore, 100, 29_999).startswith("it holds more than")
+    write(tmp_path / ".linkignore", "data/\n")
+    ignore.refresh()
+    assert too_big(str(tmp_path), ignore, 0, 0) == "it holds more than 0 files"  # .linkignore
+    (tmp_path / ".linkignore").unlink()
+    (tmp_path / "data").rename(tmp_path / ".git")
+    assert too_big(str(tmp_path), Ignore(str(tmp_path)), 0, 0) == ""

@@ -123,9 +123,14 @@ class LocalBackend(Backend):
     async def start(self) -> None:
         self.generation += 1
         base = self.runtime_dir / f"local-{self.generation}"
+        # The kernel's messages reach the frontend as they are, so they must carry the
+        # router's session id: JupyterLab drops a comm_open, comm_msg or display update
+        # whose header.session differs from that of the message that arrived after it.
+        spec = KernelSpec(**self.spec.to_dict(), resource_dir=self.spec.resource_dir)
+        spec.argv = [*spec.argv, f"--Session.session={self.router_session.session}"]
         km = AsyncKernelManager(
             kernel_name=LOCAL_SPEC,
-            kernel_spec_manager=_OneSpec(self.spec),
+            kernel_spec_manager=_OneSpec(spec),
             session=Session(
                 key=self.router_session.key,
                 signature_scheme=self.router_session.signature_scheme,

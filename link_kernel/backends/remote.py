@@ -123,6 +123,8 @@ class RemoteBackend(Backend):
         self._live: set[RemoteKernel] = set()
         self._preparing: asyncio.Future | None = None
         self._recording: asyncio.Future | None = None
+        self._started_cell = False
+        self._interrupt_pending = False
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
         self._closing = False
@@ -289,7 +291,10 @@ class RemoteBackend(Backend):
         interrupt before that (connecting, starting, sending inputs) cancels
         the cell, which then never runs.
         """
+        self._started_cell = False
         try:
+            if self._interrupt_pending:  # interrupted while the router chose this host
+                raise CellInterrupted(f"interrupted before the cell ran on {self.name}")
             self._preparing = asyncio.ensure_future(self._prepare(request))
             try:
                 kernel, plan, inputs, keep, timings = await self._preparing
@@ -311,6 +316,8 @@ class RemoteBackend(Backend):
                 msg = f"lost the connection to {self.name}: {exc!r}"
                 raise ConnectionLostError(self.name, msg) from exc
             raise
+        finally:
+            self._interrupt_pending = False
 
     async def _prepare(self, request: ExecuteRequest):
         timings: dict[str, float] = {}
@@ -360,7 +367,14 @@ class RemoteBackend(Backend):
         """The warm standby if it suits, else a kernel started now."""
         task, self.standby = self.standby, None
         if task is not None:
-            kernel = await _settled(task)
+            try:
+                kernel = await _settled(task)
+            except asyncio.CancelledError:  # the cell was interrupted: the standby stays
+                if self.standby is None and not self._closing:
+                    self.standby = task
+                else:
+                    task.add_done_callback(self._release_when_done)
+                raise
             if kernel is not None and kernel.alive and kernel.kernel_name == wanted:
                 timings["standby"] = 1.0
                 return kernel
@@ -403,6 +417,10 @@ class RemoteBackend(Backend):
             self.standby = fut
         else:
             asyncio.ensure_future(self._release(kernel))
+
+    def _release_when_done(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None:
+            asyncio.ensure_future(self._release(task.result()))
 
     def _standby_done(self, task: asyncio.Future) -> None:
         if task.cancelled():
@@ -452,7 +470,16 @@ class RemoteBackend(Backend):
                 if parent_id == request.msg_id and not result.done():
                     result.set_result(conn.unpack(frames[i:])["content"])
                 return
+            if msg_type == "execute_input" and parent_id == request.msg_id:
+                self._started_cell = True  # the kernel is in the cell: SIGINT now lands
+                if self._interrupt_pending:
+                    self._interrupt_pending = False
+                    kernel.supervisor.signal("INT")
             relay(frames, i, msg_type, parent_id)
+
+        if self._interrupt_pending:  # interrupted between preparing and sending
+            self._interrupt_pending = False
+            raise CellInterrupted(f"interrupted before the cell ran on {self.name}")
 
         conn.on_iopub = on_iopub
         conn.on_stdin = self.relay.on_stdin_request
@@ -574,11 +601,19 @@ class RemoteBackend(Backend):
         timings["release"] = time.perf_counter() - t0
 
     async def interrupt(self) -> None:
+        """Interrupt the cell: in the kernel if it runs it, else before it starts.
+
+        ipykernel ignores SIGINT between requests, so an interrupt that comes
+        after the request was sent but before the kernel began the cell waits
+        for the kernel's execute_input and is delivered then.
+        """
         kernel = self.running
-        if kernel is not None and kernel.alive:
+        if kernel is not None and kernel.alive and self._started_cell:
             kernel.supervisor.signal("INT")
         elif self._preparing is not None:
             self._preparing.cancel()
+        else:  # sent, or about to be: deliver when the kernel begins the cell
+            self._interrupt_pending = True
 
     async def release(self, *, standby: bool = False) -> bool:
         """End the kept kernel (and the standby, if asked); True if a kernel ended."""
@@ -649,11 +684,15 @@ def files_state_path(alias: str, local_dir: str, workdir: str) -> Path:
 
 
 async def _settled(task: asyncio.Future) -> Any:
-    """The task's result, or None if it failed or was cancelled."""
-    try:
-        return await task
-    except BaseException:
+    """The task's result, or None if it failed or was cancelled.
+
+    Cancelling the caller raises CancelledError here and leaves the task
+    alone (a bare ``await task`` would cancel it and hide the caller's).
+    """
+    await asyncio.wait([task])
+    if task.cancelled() or task.exception() is not None:
         return None
+    return task.result()
 
 
 __all__ = ["RemoteBackend", "RemoteKernel", "ShutdownStep", "TransportError"]

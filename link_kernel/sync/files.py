@@ -312,6 +312,41 @@ def _plain_directories(lines: list[str]) -> list[str]:
 # -- the local change journal ----------------------------------------------------------
 
 
+def too_big(root: str, ignore: Ignore, max_files: int, max_bytes: int) -> str:
+    """Why ``root`` is too big to sync file by file, or "" if it is not.
+
+    Walks what :class:`Ignore` keeps, and stops as soon as either limit is
+    passed, so a huge folder (a home directory, /tmp) costs at most
+    ``max_files`` stat calls.
+    """
+    files = size = 0
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = list(os.scandir(os.path.join(root, rel)))
+        except OSError:
+            continue
+        for entry in entries:
+            relpath = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if ignore.ignored(relpath, is_dir):
+                    continue
+                if is_dir:
+                    stack.append(relpath)
+                    continue
+                files += 1
+                size += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            if files > max_files:
+                return f"it holds more than {max_files:,} files"
+            if size > max_bytes:
+                return f"it holds more than {_size(max_bytes)}"
+    return ""
+
+
 class Journal:
     """The relative paths changed under the local root, kept by a watchdog observer.
 
