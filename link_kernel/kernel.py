@@ -433,6 +433,8 @@ class LinkKernel(Kernel):
             self.session.send(
                 stream, "execute_reply", reply.content, parent, ident=ident, metadata=reply.metadata
             )
+        for backend in self.remotes.values():
+            backend.after_reply()
         if reply.status == "error" and content.get("stop_on_error", True) and not silent:
             self._abort_queues()
 

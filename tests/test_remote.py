@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kernel_client import alive, start_client, wait_gone
 from remote_hosts import register
 
@@ -110,6 +112,24 @@ def test_interrupt_while_the_kernel_starts_cancels_the_cell(link_remote, remote)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     assert "before the cell ran" in reply["content"]["evalue"]
     assert link_remote.run("marker").result == "'local'"
+
+
+@pytest.mark.parametrize("delay", [0.01, 0.03, 0.06, 0.12, 0.25])
+def test_an_interrupt_soon_after_the_request_is_never_lost(link_remote, remote, delay):
+    """Whether it lands while the cell is prepared, sent, or running, it ends the cell."""
+    link_remote.run(f"# link: {remote}\n1")  # the next cell finds a standby, or boots one
+    time.sleep(1.0)
+    msg_id = link_remote.kc.execute(f"# link: {remote}\nimport time\ntime.sleep(60)")
+    time.sleep(delay)
+    link_remote.km.interrupt_kernel()
+    while True:
+        reply = link_remote.kc.get_shell_msg(timeout=20)  # 60 s if the interrupt were lost
+        if reply["parent_header"]["msg_id"] == msg_id:
+            break
+    link_remote.drain_iopub()
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert link_remote.run(f"# link: {remote}\n6 * 7").result == "42"  # the next cell is fine
 
 
 def test_input_works_in_a_remote_cell(link_remote, remote):

@@ -92,6 +92,9 @@ class Backend(abc.ABC):
     async def execute(self, request: ExecuteRequest) -> Reply:
         """Run one cell, relaying its outputs; return the execute_reply to send."""
 
+    def after_reply(self) -> None:
+        """Called once the cell's execute_reply is sent: time for background work."""
+
     @abc.abstractmethod
     async def interrupt(self) -> None:
         """Interrupt the cell that is running, if any."""

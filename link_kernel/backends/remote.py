@@ -125,6 +125,7 @@ class RemoteBackend(Backend):
         self._recording: asyncio.Future | None = None
         self._started_cell = False
         self._interrupt_pending = False
+        self._standby_due = False
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
         self._closing = False
@@ -382,6 +383,16 @@ class RemoteBackend(Backend):
                 asyncio.ensure_future(self._release(kernel))
         return await self.start_kernel(timings, wanted)
 
+    def after_reply(self) -> None:
+        """The cell's reply is sent: boot the next cell's kernel now.
+
+        Not before: on a small machine, booting competes with the end of the
+        cell (outputs, recording, the reply) for the same cores.
+        """
+        if self._standby_due:
+            self._standby_due = False
+            self._start_standby()
+
     def _start_standby(self) -> None:
         """Boot the next cell's kernel in the background (warm standby)."""
         if self.host.standby and self.standby is None and not self._closing:
@@ -452,7 +463,7 @@ class RemoteBackend(Backend):
             finally:
                 if releasing is not None:
                     await releasing
-                    self._start_standby()
+                    self._standby_due = True  # booted once the reply is out: see after_reply
                 if self._recording is not None:
                     recording, self._recording = self._recording, None
                     await recording
