@@ -131,6 +131,14 @@ def test_resource_options_on_a_host_without_slurm_run_nothing(notebooks, slurm_h
     assert notebooks[0].run("'ran' in dir()").result == "False"
 
 
+def test_a_job_slurm_refuses_is_a_start_error_that_says_why(notebooks, slurm_host, cluster):
+    r = notebooks[0].run("# link: cluster partition=nowhere\nran = 1")
+    assert r.error["ename"] == "KernelStartError", r.text
+    assert "Invalid partition" in r.error["evalue"]
+    assert cluster.jobs() == []
+    assert notebooks[0].run("'ran' in dir()").result == "False"
+
+
 def _hold_gpu(client: LinkClient, gate: Path, results: dict, key: str) -> threading.Thread:
     """Run a cell that prints its GPU and holds it until ``gate`` exists."""
     code = (
@@ -221,3 +229,99 @@ def test_interrupting_a_waiting_cell_cancels_its_job(notebooks, slurm_host, clus
     assert results["hold"].error is None, results["hold"].text
     assert notebooks[1].run("'ran' in dir()").result == "False"
     assert cluster.jobs() == []
+
+
+def test_keep_holds_the_job_until_release(notebooks, slurm_host, cluster):
+    first = notebooks[2].run(
+        "# link: cluster gpus=1 keep\nimport os\njob = os.environ['SLURM_JOB_ID']"
+    )
+    assert first.error is None, first.text
+    assert [j.split("|")[1] for j in cluster.jobs()] == ["RUNNING"]
+    again = notebooks[2].run("# link: cluster\nimport os\nsame = os.environ['SLURM_JOB_ID'] == job")
+    assert again.error is None, again.text
+    assert notebooks[2].run("same").result == "True"
+    notebooks[2].run("%link release cluster")
+    assert cluster.wait_no_jobs() == []
+
+
+# -- the login node over SSH ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm_sshd(cluster):
+    from support.sshd import SSHServer
+
+    extra = "".join(f"SetEnv {k}={v}\n" for k, v in cluster.env().items())
+    with SSHServer(alias="linktest-slurm", extra_config=extra) as server:
+        yield server
+
+
+def test_a_cell_through_an_ssh_login_node(slurm_sshd, cluster, tmp_path_factory):
+    import os
+    import sys
+
+    workdir = tmp_path_factory.mktemp("work-login")
+    register(
+        HostConfig(
+            alias="login-ssh", transport="ssh", hostname=slurm_sshd.host, port=slurm_sshd.port,
+            user=slurm_sshd.user, identity=str(slurm_sshd.client_key),
+            known_hosts=str(slurm_sshd.known_hosts), ssh_config=os.devnull, python=sys.executable,
+            workdir=str(workdir), slurm=True, gpus="1",
+        )
+    )
+    client = _notebook(cluster, tmp_path_factory)
+    try:
+        r = client.run(
+            "# link: login-ssh\nimport json, os\nfrom ipykernel.connect import get_connection_file\n"
+            "path = get_connection_file()\n"
+            "print(os.environ['CUDA_VISIBLE_DEVICES'], os.getpid(), json.load(open(path))['ip'], "
+            "path)"
+        )
+        assert r.error is None, r.text
+        devices, pid, ip, path = r.stdout.split()
+        assert devices in ("0", "1")
+        # written on the node (its temp dir), for the node's address
+        assert not path.startswith(str(workdir)) and ip
+        assert cluster.jobs() == []
+        assert not alive(int(pid))
+    finally:
+        client.shutdown()
+
+
+def test_ssh_reach_tunnels_to_a_node_address_the_login_node_sees(slurm_sshd):
+    """reach(port, node) opens a tunnel to node:port from the login node (here 127.0.0.2)."""
+    import asyncio
+    import os
+    import socket
+
+    from link_kernel.transports.ssh import SSHTransport
+
+    server = socket.socket()
+    server.bind(("127.0.0.2", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    config = HostConfig(
+        alias="login-tunnel", transport="ssh", hostname=slurm_sshd.host, port=slurm_sshd.port,
+        user=slurm_sshd.user, identity=str(slurm_sshd.client_key),
+        known_hosts=str(slurm_sshd.known_hosts), ssh_config=os.devnull,
+    )
+
+    async def roundtrip() -> bytes:
+        transport = SSHTransport(config, "/tmp")
+        await transport.connect()
+        try:
+            ip, local = await transport.reach(port, "127.0.0.2")
+            assert ip == "127.0.0.1"
+            client = await asyncio.to_thread(socket.create_connection, (ip, local), 10)
+            peer, _ = await asyncio.to_thread(server.accept)
+            with client, peer:
+                client.sendall(b"ping")
+                return await asyncio.to_thread(peer.recv, 4)
+        finally:
+            await transport.unreach(port, "127.0.0.2")
+            await transport.close()
+
+    try:
+        assert asyncio.run(roundtrip()) == b"ping"
+    finally:
+        server.close()
