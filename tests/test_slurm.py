@@ -187,6 +187,7 @@ def test_two_notebooks_get_different_gpus_and_a_third_waits_its_turn(
             assert time.monotonic() < deadline, f"no queued note; jobs: {cluster.jobs()}"
             time.sleep(0.05)
         assert "c" not in results  # it waits for a GPU
+        time.sleep(2.5)  # squeue is asked again meanwhile; an unchanged answer is not repeated
     finally:
         gate_a.touch()
     waiting.join(120)
@@ -198,7 +199,31 @@ def test_two_notebooks_get_different_gpus_and_a_third_waits_its_turn(
     assert {a.stdout.strip(), b.stdout.strip()} == {"0", "1"}
     assert re.search(r"\[link\] cluster: job \d+ is queued \((Resources|Priority|not scheduled "
                      r"yet)\), (first in line|\d+ ahead)", c.stderr)
+    notes = [line for line in c.stderr.splitlines() if "is queued" in line]
+    assert all(one != next_ for one, next_ in zip(notes, notes[1:])), notes
     assert c.stdout.strip() in ("0", "1")
+    assert cluster.jobs() == []
+
+
+def test_interrupt_reaches_a_running_slurm_cell(notebooks, slurm_host, cluster):
+    results: dict = {}
+    started = threading.Event()
+
+    def run():
+        results["r"] = notebooks[1].run(
+            "# link: cluster gpus=1\nimport time\nprint('go', flush=True)\ntime.sleep(60)",
+            timeout=60,
+            on_output=lambda msg: "go" in msg["content"].get("text", "") and started.set(),
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)
+    notebooks[1].km.interrupt_kernel()
+    thread.join(60)
+    r = results["r"]
+    assert r.error is not None and r.error["ename"] == "KeyboardInterrupt", r.text
+    assert "line 4" in re.sub(r"\x1b\[[0-9;]*m", "", "".join(r.error["traceback"]))  # in the cell
     assert cluster.jobs() == []
 
 
