@@ -476,7 +476,9 @@ class LinkKernel(Kernel):
                 metadata={"link": {"target": "router"}},
             )
         backend = await self._choose(targets, parent)
-        if cell.route.resources and not getattr(getattr(backend, "host", None), "slurm", False):
+        if cell.route.resources and not (
+            isinstance(backend, RemoteBackend) and backend.host.slurm
+        ):
             key, value = cell.route.resources[0]
             raise ResourceOptionError(backend.name, f"{key}={value}")
         if backend is self.local:

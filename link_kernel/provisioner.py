@@ -159,7 +159,7 @@ class LinkProvisioner(KernelProvisionerBase):
                 self.start_timeout, sys.version_info[:2], queue=self.job is not None
             )
             if self.job is not None:
-                self.job.job_id = str(self.supervisor.hello.result().get("job") or "")
+                self.job.job_id = str(self.supervisor.hello.result().get("job") or self.job.job_id)
             node = str(ready.get("ip") or "127.0.0.1")
             local = {}
             ip = "127.0.0.1"
