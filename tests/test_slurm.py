@@ -78,7 +78,15 @@ def _notebook(cluster, tmp_path_factory) -> LinkClient:
 
 @pytest.fixture(scope="module")
 def notebooks(cluster, slurm_host, tmp_path_factory):
-    clients = [_notebook(cluster, tmp_path_factory) for _ in range(3)]
+    """Three notebooks; the third's kernels must start within 2 s once Slurm runs them."""
+    clients = [_notebook(cluster, tmp_path_factory) for _ in range(2)]
+    ipython = tmp_path_factory.mktemp("ipython")
+    (ipython / "profile_default").mkdir()
+    (ipython / "profile_default" / "link_kernel_config.py").write_text(
+        "c.LinkKernel.remote_start_timeout = 2.0\n"
+    )
+    clients.append(start_client("link", cwd=str(tmp_path_factory.mktemp("nb")),
+                                env={**cluster.env(), "IPYTHONDIR": str(ipython)}))
     yield clients
     for client in clients:
         client.shutdown()
@@ -187,7 +195,9 @@ def test_two_notebooks_get_different_gpus_and_a_third_waits_its_turn(
             assert time.monotonic() < deadline, f"no queued note; jobs: {cluster.jobs()}"
             time.sleep(0.05)
         assert "c" not in results  # it waits for a GPU
-        time.sleep(2.5)  # squeue is asked again meanwhile; an unchanged answer is not repeated
+        # squeue is asked again meanwhile, and an unchanged answer is not repeated; the
+        # wait outlasts the third notebook's start timeout (2 s), which queue time must not use
+        time.sleep(3.5)
     finally:
         gate_a.touch()
     waiting.join(120)
