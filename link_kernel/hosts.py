@@ -132,14 +132,19 @@ class HostConfig:
         return text
 
 
-def default_workdir(alias: str, local_dir: str) -> str:
-    """The host-side work directory for a notebook folder, when none is configured."""
+def default_workdir(alias: str, local_dir: str, transport: str = "ssh") -> str:
+    """The host-side work directory for a notebook folder, when none is configured.
+
+    On an ssh host it is relative to the remote home; on this machine (any
+    ``process`` host, e.g. a Slurm login node added with --process) it is
+    absolute, under the cache directory, never inside the notebook folder.
+    """
     local = Path(local_dir).resolve()
     digest = hashlib.sha256(str(local).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", local.name) or "root"
-    if alias == PROCESS:
+    if alias == PROCESS or transport == PROCESS:
         base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-        return str(base / "link-kernel" / "process" / f"{name}-{digest}")
+        return str(base / "link-kernel" / alias / f"{name}-{digest}")
     return f".cache/link-kernel/work/{name}-{digest}"
 
 

@@ -49,6 +49,14 @@ def test_resource_defaults_need_slurm():
         HostConfig(alias="c", transport="process", slurm=True, gpus="x")
 
 
+def test_a_login_node_on_this_machine_works_outside_the_notebook_folder(tmp_path):
+    from link_kernel.transports.factory import make_transport
+
+    host = HostConfig(alias="cluster", transport="process", slurm=True)
+    workdir = Path(make_transport(host, str(tmp_path)).workdir)
+    assert workdir.is_absolute() and tmp_path not in workdir.parents
+
+
 # -- a real cluster ----------------------------------------------------------------------
 
 
