@@ -61,7 +61,7 @@ async def plain_kernel(server, base, rounds: int) -> tuple[float, float]:
         if all(written[k] for k in info if k.endswith("_port")):
             break
         await asyncio.sleep(0.005)
-    local = {k: await transport.reach(written[k]) for k in info if k.endswith("_port")}
+    local = {k: (await transport.reach(written[k]))[1] for k in info if k.endswith("_port")}
     conn = KernelConnection({**info, **local}, context=context, name="baseline")
     conn.on_iopub = lambda *a: None
     conn.open()

@@ -20,12 +20,23 @@ the kernel into a process group of its own and then:
 
 The kernel's own stdin is /dev/null: nothing it or the user's subprocesses
 read can steal the supervisor's keepalives.
+
+Under Slurm the supervisor runs on a node the router did not choose, so the
+connection file cannot be written beforehand. CONNECTION_FILE is then
+``node:KEY_FILE``: the supervisor reads the session key from KEY_FILE (mode
+0600 in the shared work directory), picks the node's address (the one that
+routes back to the login node srun ran on), writes the connection file itself
+in a node-local temporary directory, mode 0600, and adds ``ip`` and ``job``
+to its reports. The directory is removed when the kernel ends.
 """
 
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -144,7 +155,39 @@ def run_kernel(conn_file, agent_file, kernel_args):
     os.execv(sys.executable, argv)
 
 
-def announce_ports(fd, conn_file, pid, stop):
+def node_address():
+    """This node's address as the login node sees it (127.0.0.1 outside Slurm)."""
+    peer = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "")
+    if peer:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect((peer, 9))  # UDP: no packet is sent, the route is chosen
+            return probe.getsockname()[0]
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    return "127.0.0.1"
+
+
+def write_node_connection_file(key_file):
+    """Write the kernel's connection file on this node; return (path, its dir, ip)."""
+    with open(key_file) as f:
+        key = f.read().strip()
+    ip = node_address()
+    directory = tempfile.mkdtemp(prefix="link-kernel-")  # mode 0700, node-local
+    path = os.path.join(directory, "kernel.json")
+    info = {"ip": ip, "transport": "tcp", "key": key, "signature_scheme": "hmac-sha256",
+            "kernel_name": ""}
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        info[name] = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    return path, directory, ip
+
+
+def announce_ports(fd, conn_file, pid, stop, extra):
     """Report READY once the kernel has written the ports it bound."""
     while not stop.is_set():
         try:
@@ -154,7 +197,9 @@ def announce_ports(fd, conn_file, pid, stop):
             info = {}
         ports = dict((k, v) for k, v in info.items() if k.endswith("_port"))
         if ports and all(ports.values()):
-            report(fd, "READY", {"pid": pid, "ports": ports})
+            payload = {"pid": pid, "ports": ports}
+            payload.update(extra)
+            report(fd, "READY", payload)
             return
         stop.wait(0.005)
 
@@ -202,17 +247,19 @@ def main(argv):
     except (ImportError, OSError):
         pass
     found, missing = check_modules()
-    report(
-        out,
-        "HELLO",
-        {
-            "pid": os.getpid(),
-            "python": "%d.%d.%d" % sys.version_info[:3],
-            "executable": sys.executable,
-            "modules": found,
-            "missing": missing,
-        },
-    )
+    extra, node_dir = {}, None
+    if conn_file.startswith("node:"):
+        conn_file, node_dir, ip = write_node_connection_file(conn_file[len("node:"):])
+        extra = {"ip": ip, "job": os.environ.get("SLURM_JOB_ID", "")}
+    hello = {
+        "pid": os.getpid(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "executable": sys.executable,
+        "modules": found,
+        "missing": missing,
+    }
+    hello.update(extra)
+    report(out, "HELLO", hello)
     if missing:
         report(out, "EXIT", {"status": 3, "reason": "missing " + ", ".join(missing)})
         return 3
@@ -232,7 +279,9 @@ def main(argv):
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: killpg(pid, signal.SIGKILL))
     stop = threading.Event()
-    threading.Thread(target=announce_ports, args=(out, conn_file, pid, stop), daemon=True).start()
+    threading.Thread(
+        target=announce_ports, args=(out, conn_file, pid, stop, extra), daemon=True
+    ).start()
     threading.Thread(target=watch_router, args=(control, pid, dead_after, stop), daemon=True).start()
     while True:
         try:
@@ -242,6 +291,8 @@ def main(argv):
             continue
     stop.set()
     reap_all(pid, 5.0)
+    if node_dir is not None:
+        shutil.rmtree(node_dir, ignore_errors=True)
     code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
     report(out, "EXIT", {"status": code})
     return 0

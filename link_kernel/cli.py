@@ -4,6 +4,8 @@
     link-kernel hosts add ALIAS [user@]HOST[:PORT] [--identity F] [--python PATH]
                           [--workdir DIR] [--kernel NAME] [--accept-new-host-key]
     link-kernel hosts add ALIAS --process [--workdir DIR]
+        either form, for a Slurm login node: --slurm [--partition P] [--gpus N]
+                          [--cpus N] [--mem M] [--time T]
     link-kernel hosts list | remove ALIAS | kernels ALIAS | check ALIAS
 """
 
@@ -42,10 +44,25 @@ def parse_target(text: str) -> tuple[str, str, int]:
     return match["user"] or "", host, int(match["port"] or 0)
 
 
+def _slurm_settings(args: argparse.Namespace) -> dict:
+    """The Slurm settings of ``hosts add``; resource defaults only with --slurm."""
+    from .routing import RESOURCE_OPTIONS
+
+    given = {k: getattr(args, k) for k in RESOURCE_OPTIONS if getattr(args, k)}
+    if given and not args.slurm:
+        options = " ".join(f"--{k}" for k in given)
+        msg = f"{options} only apply to a Slurm host: add --slurm"
+        raise LinkError(msg)
+    return {"slurm": True, **given} if args.slurm else {}
+
+
 def _hosts_add(args: argparse.Namespace) -> int:
     known = hosts.load_registry()
+    slurm = _slurm_settings(args)
     if args.process:
-        config = hosts.HostConfig(alias=args.alias, transport="process", workdir=args.workdir or "")
+        config = hosts.HostConfig(
+            alias=args.alias, transport="process", workdir=args.workdir or "", **slurm
+        )
     else:
         if not args.target:
             msg = "give the host as [user@]HOST[:PORT], or --process for this machine"
@@ -63,6 +80,7 @@ def _hosts_add(args: argparse.Namespace) -> int:
             kernel=args.kernel or "",
             ssh_config=args.ssh_config or "",
             known_hosts=args.known_hosts or "",
+            **slurm,
         )
         _trust_host_key(config, accept=args.accept_new_host_key)
     if not args.no_check:
@@ -116,7 +134,8 @@ def _trust_host_key(config: hosts.HostConfig, *, accept: bool) -> None:
 
 
 async def _complete(config: hosts.HostConfig) -> hosts.HostConfig:
-    """Connect once; fill in the host's python when none was given."""
+    """Connect once; fill in the host's python when none was given; find srun."""
+    from .slurm import find_commands
     from .transports.factory import make_transport
 
     transport = make_transport(config, os.getcwd())
@@ -124,6 +143,8 @@ async def _complete(config: hosts.HostConfig) -> hosts.HostConfig:
         await transport.connect()
         if not config.python and config.transport == "ssh":
             config.python = await transport.default_python()
+        if config.slurm:
+            await find_commands(transport)
     finally:
         await transport.close()
     return config
@@ -258,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--accept-new-host-key", action="store_true",
                      help="record an unknown host key without asking")
     add.add_argument("--no-check", action="store_true", help="do not connect to the host")
+    add.add_argument("--slurm", action="store_true",
+                     help="a Slurm login node: each cell's kernel is a job started with srun")
+    add.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
+    add.add_argument("--gpus", metavar="N", help="GPUs per cell unless a cell says gpus=")
+    add.add_argument("--cpus", metavar="N", help="CPUs per cell unless a cell says cpus=")
+    add.add_argument("--mem", metavar="M", help="memory per cell (32G) unless a cell says mem=")
+    add.add_argument("--time", metavar="T", help="time limit per cell (2:00:00) unless time=")
     add.set_defaults(func=_hosts_add)
     sub.add_parser("list", help="list known hosts").set_defaults(func=_hosts_list)
     remove = sub.add_parser("remove", help="remove a host from the registry")

@@ -7,7 +7,8 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
 
     LinkError
     ├── RoutingError                  the cell's routing comment or %link line is wrong
-    │   └── UnknownTargetError        a target that is neither local nor a known host
+    │   ├── UnknownTargetError        a target that is neither local nor a known host
+    │   └── ResourceOptionError       gpus=/cpus=/mem=/time=/partition= for a target without Slurm
     ├── HostConfigError               the host registry or an ssh config entry is wrong
     ├── TransportError                reaching a host failed
     │   ├── HostUnreachableError      no TCP connection, or it went silent
@@ -63,6 +64,20 @@ class UnknownTargetError(RoutingError):
         msg = f"unknown host {target!r}; known: {', '.join(self.known)}"
         super().__init__(
             msg, hint="Add it with 'link-kernel hosts add ALIAS [user@]HOST', or fix the name."
+        )
+
+
+class ResourceOptionError(RoutingError):
+    """A scheduler option (``gpus=``, ...) on a cell whose target has no scheduler."""
+
+    def __init__(self, target: str, option: str) -> None:
+        self.target = target
+        self.option = option
+        msg = f"{option} asks a scheduler for resources, but {target!r} is not a Slurm host"
+        super().__init__(
+            msg,
+            hint=f"Remove {option.split('=')[0]}= from the routing comment, or register a Slurm "
+            "host with 'link-kernel hosts add ALIAS [user@]LOGIN --slurm'.",
         )
 
 

@@ -17,6 +17,13 @@ file under the Jupyter config directory::
     workdir = "~/link-work/project"
     cache = "~/.cache/link-kernel/host-blobs"
 
+    [hosts.cluster]             # a login node whose cells run as Slurm jobs
+    transport = "ssh"
+    hostname = "login.example.org"
+    slurm = true
+    partition = "gpu"
+    gpus = "1"                  # default resources; a cell's gpus= cpus= mem= time= win
+
 Loading is pure: :func:`load` reads files, it connects to nothing.
 """
 
@@ -30,7 +37,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import HostConfigError
+from .errors import HostConfigError, LinkError
+from .routing import RESOURCE_OPTIONS, resource_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,6 +68,14 @@ class HostConfig:
     known_hosts: str = ""
     standby: bool = True
     idle_timeout: float = 600.0
+    #: Cells run as Slurm jobs started with ``srun`` on this host (a login node).
+    slurm: bool = False
+    #: Default Slurm resources (strings as in a routing comment); a cell's own win.
+    partition: str = ""
+    gpus: str = ""
+    cpus: str = ""
+    mem: str = ""
+    time: str = ""
     source: str = field(default="registry", compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +85,27 @@ class HostConfig:
         if self.transport not in TRANSPORTS:
             msg = f"host {self.alias!r}: transport {self.transport!r} is not one of {TRANSPORTS}"
             raise HostConfigError(msg)
+        defaults = self.slurm_defaults()
+        if defaults and not self.slurm:
+            msg = (
+                f"host {self.alias!r}: {', '.join(f'{k}={v}' for k, v in defaults.items())} "
+                "needs slurm = true"
+            )
+            raise HostConfigError(msg)
+        for key, value in defaults.items():
+            try:
+                resource_value(key, value)
+            except LinkError as exc:
+                raise HostConfigError(f"host {self.alias!r}: {exc.message}") from exc
+
+    def slurm_defaults(self) -> dict[str, str]:
+        """The host's default Slurm resources that are set."""
+        return {k: getattr(self, k) for k in RESOURCE_OPTIONS if getattr(self, k)}
+
+    @property
+    def keeps_standby(self) -> bool:
+        """Warm standby is off on Slurm hosts: an idle job would hold its GPU."""
+        return self.standby and not self.slurm
 
     def to_toml(self) -> str:
         lines = [f"[hosts.{_toml_key(self.alias)}]"]
@@ -83,21 +120,31 @@ class HostConfig:
 
     def summary(self) -> str:
         if self.transport == PROCESS:
-            return f"process on this machine, workdir {self.workdir or '(default)'}"
-        target = f"{self.user + '@' if self.user else ''}{self.hostname or self.alias}"
-        if self.port:
-            target += f":{self.port}"
-        return f"ssh {target}, python {self.python or '(found on the host)'}"
+            text = f"process on this machine, workdir {self.workdir or '(default)'}"
+        else:
+            target = f"{self.user + '@' if self.user else ''}{self.hostname or self.alias}"
+            if self.port:
+                target += f":{self.port}"
+            text = f"ssh {target}, python {self.python or '(found on the host)'}"
+        if self.slurm:
+            options = " ".join(f"{k}={v}" for k, v in self.slurm_defaults().items())
+            text += f"; Slurm jobs via srun{' ' + options if options else ''}"
+        return text
 
 
-def default_workdir(alias: str, local_dir: str) -> str:
-    """The host-side work directory for a notebook folder, when none is configured."""
+def default_workdir(alias: str, local_dir: str, transport: str = "ssh") -> str:
+    """The host-side work directory for a notebook folder, when none is configured.
+
+    On an ssh host it is relative to the remote home; on this machine (any
+    ``process`` host, e.g. a Slurm login node added with --process) it is
+    absolute, under the cache directory, never inside the notebook folder.
+    """
     local = Path(local_dir).resolve()
     digest = hashlib.sha256(str(local).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", local.name) or "root"
-    if alias == PROCESS:
+    if alias == PROCESS or transport == PROCESS:
         base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-        return str(base / "link-kernel" / "process" / f"{name}-{digest}")
+        return str(base / "link-kernel" / alias / f"{name}-{digest}")
     return f".cache/link-kernel/work/{name}-{digest}"
 
 
@@ -137,7 +184,8 @@ def save_registry(hosts: dict[str, HostConfig], path: Path | None = None) -> Pat
     header = (
         "# Link (hybrid) hosts. Edit freely; 'link-kernel hosts add/remove' rewrite this file.\n"
         "# Settings: transport, hostname, port, user, identity, python, workdir, cache (the\n"
-        "# host's variable cache), kernel, ssh_config, known_hosts, standby, idle_timeout.\n\n"
+        "# host's variable cache), kernel, ssh_config, known_hosts, standby, idle_timeout,\n"
+        "# slurm (cells run as Slurm jobs) and its defaults partition, gpus, cpus, mem, time.\n\n"
     )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + body + "\n")

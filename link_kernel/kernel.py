@@ -45,7 +45,13 @@ from . import hosts as hosts_module
 from .backends.local import LocalBackend
 from .backends.remote import RemoteBackend
 from .connection import delim_index, header_of
-from .errors import ConnectionLostError, FileSyncError, HostUnreachableError, LinkError
+from .errors import (
+    ConnectionLostError,
+    FileSyncError,
+    HostUnreachableError,
+    LinkError,
+    ResourceOptionError,
+)
 from .hosts import HostConfig
 from .sync.files import Ignore, Journal, too_big
 from .sync.variables import VariableSync, default_store, format_size
@@ -472,6 +478,11 @@ class LinkKernel(Kernel):
                 metadata={"link": {"target": "router"}},
             )
         backend = await self._choose(targets, parent)
+        if cell.route.resources and not (
+            isinstance(backend, RemoteBackend) and backend.host.slurm
+        ):
+            key, value = cell.route.resources[0]
+            raise ResourceOptionError(backend.name, f"{key}={value}")
         if backend is self.local:
             self.relay.drop = frozenset({"execute_input"})
             try:
@@ -508,9 +519,11 @@ class LinkKernel(Kernel):
             self._interrupt_waiting = False
             await backend.interrupt()
         self.relay.drop = frozenset({"execute_input"})
+        backend.say = lambda text: self._note(request.msg, text)
         try:
             reply = await backend.execute(request)
         finally:
+            backend.say = lambda text: None
             self._active = None
             self.relay.drop = frozenset()
             if request.recorded:

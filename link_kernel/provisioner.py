@@ -20,6 +20,15 @@ The Link router uses the same class for its per-cell kernels. A launch:
 3. ``send_signal``/``terminate``/``kill`` go to the supervisor, which signals
    the kernel's process group; ``wait`` returns once the supervisor reports the
    kernel and every process of its group gone.
+
+On a Slurm host (``slurm`` set) the supervisor runs under ``srun`` as a job of
+its own (:mod:`link_kernel.slurm`): pre_launch writes only the key, to a 0600
+file in the shared work directory; the supervisor writes the connection file
+on the node Slurm picks and reports the node's address with the ports, which
+the transport reaches through the login node. Time in the queue does not count
+against ``start_timeout``; while the job waits, ``on_queue`` gets a line each
+time squeue's answer changes. ``cleanup`` scancels the job and returns once
+squeue no longer lists it.
 """
 
 from __future__ import annotations
@@ -36,9 +45,12 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Any as AnyTrait
 from traitlets import Float, Instance, Unicode
 
 from .backends.local import REMOTE_KERNEL_ARGS
+from .errors import LinkError
+from .slurm import SlurmJob, SlurmLaunch, job_name, srun_argv
 from .sync.files import SCAN_SOURCE
 from .transports import LaunchSpec, Supervisor, Transport
 
@@ -74,13 +86,18 @@ class LinkProvisioner(KernelProvisionerBase):
     )
     transport = Instance(Transport, allow_none=True)
     python = Unicode("", help="The host's python, absolute; found on the host when empty.")
+    slurm = Instance(SlurmLaunch, allow_none=True, help="Start the kernel as a Slurm job.")
+    on_queue = AnyTrait(None, help="Called with a line of text when a waiting job's state changes.")
+    queue_poll = Float(1.0, help="Seconds between squeue calls while the job waits.")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.supervisor: Supervisor | None = None
         self._connection_file = ""
-        self._reached: list[int] = []
+        self._reached: list[tuple[str, int]] = []
         self.remote_info: dict[str, Any] = {}
+        self.job: SlurmJob | None = None
+        self._job_ended = False
 
     # -- launch ------------------------------------------------------------------
 
@@ -106,15 +123,28 @@ class LinkProvisioner(KernelProvisionerBase):
             "kernel_name": "",
             **dict.fromkeys(PORTS, 0),
         }
-        await transport.put(self._connection_file, json.dumps(info).encode(), 0o600)
         self.remote_info = info
+        prefix: list[str] = []
+        if self.slurm is None:
+            await transport.put(self._connection_file, json.dumps(info).encode(), 0o600)
+            connection_arg = self._connection_file
+        else:  # the node writes the connection file; it reads the key from here
+            self._connection_file = transport.path(".link", f"key-{self.kernel_id}")
+            await transport.put(self._connection_file, key.encode(), 0o600)
+            connection_arg = f"node:{self._connection_file}"
+            name = job_name(self.kernel_id)
+            prefix = srun_argv(self.slurm.commands.srun, name, self.slurm.resources)
+            self.job = SlurmJob(
+                transport, self.slurm.commands, name, self.slurm.resources.get("partition", "")
+            )
         self._spec = LaunchSpec(
             python=self.python,
-            connection_file=self._connection_file,
+            connection_file=connection_arg,
             agent_file=agent,
             dead_after=self.dead_after,
             kernel_args=[*REMOTE_KERNEL_ARGS, *kwargs.pop("kernel_args", [])],
             cwd=transport.workdir,
+            prefix=prefix,
         )
         kwargs["cmd"] = self._spec.argv("<link_kernel.bootstrap>")
         return kwargs
@@ -123,25 +153,53 @@ class LinkProvisioner(KernelProvisionerBase):
         transport = self.transport
         assert transport is not None, "pre_launch first"
         self.supervisor = await transport.spawn(self._spec, BOOTSTRAP)
+        watch = asyncio.ensure_future(self._watch_queue()) if self.job is not None else None
         try:
-            ready = await self.supervisor.started(self.start_timeout, sys.version_info[:2])
+            ready = await self.supervisor.started(
+                self.start_timeout, sys.version_info[:2], queue=self.job is not None
+            )
+            if self.job is not None:
+                self.job.job_id = str(self.supervisor.hello.result().get("job") or self.job.job_id)
+            node = str(ready.get("ip") or "127.0.0.1")
             local = {}
+            ip = "127.0.0.1"
             for name, port in ready["ports"].items():
-                local[name] = await transport.reach(int(port))
-                self._reached.append(int(port))
+                ip, local[name] = await transport.reach(int(port), node)
+                self._reached.append((node, int(port)))
         except BaseException:
             await self.cleanup()
             raise
         finally:
+            if watch is not None:
+                watch.cancel()
             await transport.remove(self._connection_file)
         self.connection_info = {
-            "ip": "127.0.0.1",
+            "ip": ip,
             "transport": "tcp",
             "key": self.remote_info["key"].encode(),
             "signature_scheme": "hmac-sha256",
             **local,
         }
         return self.connection_info
+
+    async def _watch_queue(self) -> None:
+        """While the job waits: tell ``on_queue`` its state, once per change."""
+        supervisor, job = self.supervisor, self.job
+        assert supervisor is not None and job is not None
+        job.job_id = await asyncio.shield(supervisor.queued)
+        said = ""
+        while not supervisor.hello.done():
+            try:
+                state = await job.queue_state()
+            except (LinkError, OSError, asyncio.TimeoutError) as exc:
+                self.log.debug("squeue failed: %s", exc)
+                state = None
+            if state is not None and not supervisor.hello.done():
+                text = state.describe(self.host)
+                if text != said and self.on_queue is not None:
+                    self.on_queue(text)
+                said = text
+            await asyncio.sleep(self.queue_poll)
 
     def _transport_from_registry(self, cwd: str | None) -> Transport:
         from . import hosts
@@ -187,13 +245,25 @@ class LinkProvisioner(KernelProvisionerBase):
         await self.send_signal(signal.SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Close the tunnels and the supervisor (which ends the kernel if it still runs)."""
+        """Close the tunnels and the supervisor (which ends the kernel if it still runs).
+
+        A Slurm job is cancelled first (it may still wait in the queue, where
+        closing srun's stdin does nothing) and is gone from squeue on return.
+        """
         transport, supervisor = self.transport, self.supervisor
         if transport is not None:
-            for port in self._reached:
-                await transport.unreach(port)
+            for node, port in self._reached:
+                await transport.unreach(port, node)
         self._reached.clear()
-        if supervisor is not None:
+        job = self.job
+        if job is not None and not self._job_ended:
+            self._job_ended = True
+            if supervisor is not None and not supervisor.done:
+                await job.cancel()
+            if supervisor is not None:
+                await supervisor.close()
+            await job.end()
+        elif supervisor is not None:
             await supervisor.close()
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:

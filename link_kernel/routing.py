@@ -252,7 +252,7 @@ def _parse_route(rest: str) -> Route:
             msg = f"option {key!r} needs a value: {key}=VALUE"
             raise RoutingError(msg)
         if key in RESOURCE_OPTIONS:
-            resources.append((key, _resource(key, value)))
+            resources.append((key, resource_value(key, value)))
         else:
             values[_FIELD.get(key, key)] = _PARSERS[key](value)
     if values.get("keep") and not targets:
@@ -307,7 +307,8 @@ def _kernel(value: str) -> str:
     return value
 
 
-def _resource(key: str, value: str) -> str:
+def resource_value(key: str, value: str) -> str:
+    """``value`` if it suits the resource option ``key``, else a RoutingError."""
     ok = {
         "gpus": lambda v: _COUNT.fullmatch(v) is not None,
         "cpus": lambda v: _COUNT.fullmatch(v) is not None and int(v) > 0,

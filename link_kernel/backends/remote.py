@@ -12,6 +12,12 @@ One :class:`RemoteBackend` per host alias. For a cell it:
    waits until the host reports the kernel's process group gone, before the
    router sends the execute_reply.
 
+On a Slurm host the kernel is a Slurm job (:mod:`link_kernel.slurm`): the
+cell's ``gpus= cpus= mem= time= partition=`` options, over the host's
+defaults, say what it asks for; while it waits in the queue the cell shows why
+(:attr:`RemoteBackend.say`); releasing the kernel ends the job. Slurm hosts
+keep no warm standby, which would hold a GPU idle.
+
 A kept kernel stays until ``%link release``, its idle timeout, or shutdown.
 While any kernel of the host lives, the backend sends its supervisor a
 keepalive every second; without them the host kills the kernel.
@@ -25,6 +31,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,8 @@ from ..errors import (
 from ..hosts import HostConfig
 from ..provisioner import LinkProvisioner, python_spec
 from ..relay import Relay
+from ..slurm import SlurmCommands, SlurmLaunch, find_commands
+from ..slurm import resources as slurm_resources
 from ..sync.files import FileSync, Journal, SyncReport
 from ..sync.variables import Inputs, Outputs, Plan, VariableSync, default_store
 from ..transports import Transport
@@ -72,6 +81,8 @@ class RemoteKernel:
     conn: KernelConnection
     pid: int
     kernel_name: str = ""
+    #: The Slurm resources its job holds (empty off Slurm).
+    resources: tuple[tuple[str, str], ...] = ()
     started_at: float = field(default_factory=time.monotonic)
     cells: int = 0
 
@@ -133,6 +144,9 @@ class RemoteBackend(Backend):
         self.algo: str | None = None
         #: Notes for the cell's output (what could not come back), taken by the router.
         self.notes: list[str] = []
+        #: Shows a line in the running cell's output at once (set by the router).
+        self.say: Callable[[str], None] = lambda text: None
+        self._slurm: SlurmCommands | None = None
 
     # -- reaching the host ------------------------------------------------------------
 
@@ -170,10 +184,24 @@ class RemoteBackend(Backend):
             self._pythons[kernel_name] = python
         return python
 
+    async def _slurm_launch(self, wanted: tuple[tuple[str, str], ...]) -> SlurmLaunch | None:
+        """How to start a kernel as a Slurm job, on a Slurm host."""
+        if not self.host.slurm:
+            return None
+        if self._slurm is None:
+            self._slurm = await find_commands(self._transport())
+        return SlurmLaunch(self._slurm, slurm_resources(self.host, wanted))
+
     async def start_kernel(
-        self, timings: dict[str, float] | None = None, kernel_name: str = ""
+        self,
+        timings: dict[str, float] | None = None,
+        kernel_name: str = "",
+        resources: tuple[tuple[str, str], ...] = (),
     ) -> RemoteKernel:
-        """Start a fresh kernel on the host and connect to it."""
+        """Start a fresh kernel on the host and connect to it.
+
+        ``resources`` are the cell's Slurm options (a Slurm host only).
+        """
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
         await self.reach()
@@ -186,6 +214,8 @@ class RemoteBackend(Backend):
             transport=self._transport(),
             python=await self._python(kernel_name),
             start_timeout=self.start_timeout,
+            slurm=await self._slurm_launch(resources),
+            on_queue=lambda text: self.say(text),
         )
         t1 = time.perf_counter()
         try:
@@ -203,7 +233,11 @@ class RemoteBackend(Backend):
         conn.open()
         supervisor = provisioner.supervisor
         kernel = RemoteKernel(
-            provisioner, conn, pid=int(supervisor.ready.result()["pid"]), kernel_name=kernel_name
+            provisioner,
+            conn,
+            pid=int(supervisor.ready.result()["pid"]),
+            kernel_name=kernel_name,
+            resources=resources,
         )
         if self.algo is None:
             modules = supervisor.hello.result().get("modules", {})
@@ -327,13 +361,18 @@ class RemoteBackend(Backend):
         keep = request.route.keep or kernel is not None
         self._cancel_idle()
         wanted = request.route.kernel or self.host.kernel
-        if kernel is not None and (kernel.kernel_name != wanted or not kernel.alive):
+        resources = request.route.resources
+        if kernel is not None and (
+            kernel.kernel_name != wanted
+            or (resources and kernel.resources != resources)
+            or not kernel.alive
+        ):
             await self._release(kernel)
             kernel, keep = None, request.route.keep
         plan = Plan.of(request.code, request.route)
         fresh = None
         if kernel is None:
-            fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings))
+            fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
             if self.algo is None:  # the first kernel tells which hashes the host has
                 kernel = await fresh
         try:
@@ -364,7 +403,9 @@ class RemoteBackend(Backend):
             raise
         return kernel, plan, inputs, keep, timings
 
-    async def _fresh_kernel(self, wanted: str, timings: dict[str, float]) -> RemoteKernel:
+    async def _fresh_kernel(
+        self, wanted: str, timings: dict[str, float], resources: tuple[tuple[str, str], ...] = ()
+    ) -> RemoteKernel:
         """The warm standby if it suits, else a kernel started now."""
         task, self.standby = self.standby, None
         if task is not None:
@@ -376,12 +417,17 @@ class RemoteBackend(Backend):
                 else:
                     task.add_done_callback(self._release_when_done)
                 raise
-            if kernel is not None and kernel.alive and kernel.kernel_name == wanted:
+            if (
+                kernel is not None
+                and kernel.alive
+                and kernel.kernel_name == wanted
+                and kernel.resources == resources
+            ):
                 timings["standby"] = 1.0
                 return kernel
             if kernel is not None:
                 asyncio.ensure_future(self._release(kernel))
-        return await self.start_kernel(timings, wanted)
+        return await self.start_kernel(timings, wanted, resources)
 
     def after_reply(self) -> None:
         """The cell's reply is sent: boot the next cell's kernel now.
@@ -395,7 +441,7 @@ class RemoteBackend(Backend):
 
     def _start_standby(self) -> None:
         """Boot the next cell's kernel in the background (warm standby)."""
-        if self.host.standby and self.standby is None and not self._closing:
+        if self.host.keeps_standby and self.standby is None and not self._closing:
             self.standby = asyncio.ensure_future(self._boot_standby())
             self.standby.add_done_callback(self._standby_done)
 
@@ -422,7 +468,7 @@ class RemoteBackend(Backend):
         return kernel
 
     def _offer_standby(self, kernel: RemoteKernel) -> None:
-        if self.standby is None and kernel.alive and not self._closing:
+        if self.host.keeps_standby and self.standby is None and kernel.alive and not self._closing:
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             fut.set_result(kernel)
             self.standby = fut

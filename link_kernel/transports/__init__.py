@@ -25,6 +25,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import KernelStartError, RemoteEnvironmentError
+from ..slurm import QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,12 @@ class LaunchSpec:
     dead_after: float = 10.0
     kernel_args: list[str] = field(default_factory=list)
     cwd: str | None = None
+    #: A launcher the supervisor runs under (``srun ...`` on a Slurm host).
+    prefix: list[str] = field(default_factory=list)
 
     def argv(self, source: str) -> list[str]:
         return [
+            *self.prefix,
             self.python,
             "-c",
             source,
@@ -74,6 +78,8 @@ class Supervisor(abc.ABC):
         self.hello: asyncio.Future[dict] = loop.create_future()
         self.ready: asyncio.Future[dict] = loop.create_future()
         self.exited: asyncio.Future[dict] = loop.create_future()
+        #: The Slurm job id, once srun says the job waits in the queue.
+        self.queued: asyncio.Future[str] = loop.create_future()
         self._buffer = b""
         self._tail: list[str] = []
 
@@ -104,6 +110,9 @@ class Supervisor(abc.ABC):
                 if fut is not None and not fut.done():
                     fut.set_result(value)
             elif line.strip():
+                queued = QUEUED.search(line)
+                if queued is not None and not self.queued.done():
+                    self.queued.set_result(queued.group(1))
                 self._tail.append(line)
                 del self._tail[:-200]
 
@@ -146,10 +155,17 @@ class Supervisor(abc.ABC):
     def done(self) -> bool:
         return self.exited.done()
 
-    async def started(self, timeout: float, local_python: tuple[int, int]) -> dict:
-        """Wait for HELLO and READY; check the host's environment; return READY."""
+    async def started(
+        self, timeout: float, local_python: tuple[int, int], *, queue: bool = False
+    ) -> dict:
+        """Wait for HELLO and READY; check the host's environment; return READY.
+
+        With ``queue=True`` (a Slurm job) HELLO has no time limit: the job may
+        wait in the queue for as long as the scheduler says; ``timeout`` counts
+        from HELLO to READY.
+        """
         try:
-            hello = await asyncio.wait_for(asyncio.shield(self.hello), timeout)
+            hello = await asyncio.wait_for(asyncio.shield(self.hello), None if queue else timeout)
         except asyncio.TimeoutError:
             raise self.failure(f"the kernel on {self.host} did not start in {timeout:g} s") from None
         if hello.get("missing"):
@@ -290,11 +306,15 @@ class Transport(abc.ABC):
         """Start the bootstrap supervisor."""
 
     @abc.abstractmethod
-    async def reach(self, port: int) -> int:
-        """A local 127.0.0.1 port that reaches the host's 127.0.0.1:``port``."""
+    async def reach(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """The address the router connects to for ``host:port`` as the host sees it.
 
-    async def unreach(self, port: int) -> None:
-        """Close what :meth:`reach` opened for ``port``."""
+        ``host`` is the host's 127.0.0.1, or a compute node's address that the
+        host (a Slurm login node) reaches.
+        """
+
+    async def unreach(self, port: int, host: str = "127.0.0.1") -> None:
+        """Close what :meth:`reach` opened for ``host:port``."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -10,7 +10,7 @@ from . import Transport
 
 def make_transport(host: HostConfig, local_dir: str) -> Transport:
     """The transport of ``host``, for a notebook whose folder is ``local_dir``."""
-    workdir = host.workdir or default_workdir(host.alias, local_dir)
+    workdir = host.workdir or default_workdir(host.alias, local_dir, host.transport)
     if host.transport == "process":
         from .process import ProcessTransport
 

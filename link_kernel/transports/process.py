@@ -160,8 +160,8 @@ class ProcessTransport(Transport):
     async def pull_blobs(self, ids: list[str], local_store: str) -> None:
         await asyncio.to_thread(_link_or_copy, self.blob_dir, local_store, ids)
 
-    async def reach(self, port: int) -> int:
-        return port
+    async def reach(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        return host, port
 
     async def close(self) -> None:
         return None

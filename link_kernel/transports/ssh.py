@@ -1888,7 +1888,7 @@ class SSHTransport(Transport):
         super().__init__(config.alias, workdir)
         self.config = config
         self.connection: SSHConnection | None = None
-        self._forwards: dict[int, Forward] = {}
+        self._forwards: dict[tuple[str, int], Forward] = {}
         self._fs = None
         self._bulk_failed = False
         self.home = ""
@@ -1975,13 +1975,13 @@ class SSHTransport(Transport):
         )
         return supervisor
 
-    async def reach(self, port: int) -> int:
-        forward = await asyncio.to_thread(self._live().forward, port)
-        self._forwards[port] = forward
-        return forward.local_port
+    async def reach(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        forward = await asyncio.to_thread(self._live().forward, port, host)
+        self._forwards[(host, port)] = forward
+        return "127.0.0.1", forward.local_port
 
-    async def unreach(self, port: int) -> None:
-        forward = self._forwards.pop(port, None)
+    async def unreach(self, port: int, host: str = "127.0.0.1") -> None:
+        forward = self._forwards.pop((host, port), None)
         if forward is not None:
             await asyncio.to_thread(forward.close)
 

@@ -68,9 +68,13 @@ class SSHServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, *, alias: str = "linktest", password_only: bool = False) -> None:
+    def __init__(
+        self, *, alias: str = "linktest", password_only: bool = False, extra_config: str = ""
+    ) -> None:
         self.alias = alias
         self.password_only = password_only
+        #: Lines appended to sshd_config (``SetEnv NAME=VALUE`` for sessions, say).
+        self.extra_config = extra_config
         self.user = getpass.getuser()
         self.port: int = 0
         self.log: deque[str] = deque(maxlen=5000)
@@ -243,6 +247,7 @@ class SSHServer:
             "MaxStartups 100\n"
             "LogLevel VERBOSE\n"
             "Subsystem sftp internal-sftp\n"
+            f"{self.extra_config}"
         )
         Path(self.known_hosts).write_text(self.known_hosts_line())
         Path(self.ssh_config).write_text(
