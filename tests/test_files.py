@@ -626,3 +626,38 @@ def test_too_big_counts_what_is_kept_and_stops_early(tmp_path):
     (tmp_path / ".linkignore").unlink()
     (tmp_path / "data").rename(tmp_path / ".git")
     assert too_big(str(tmp_path), Ignore(str(tmp_path)), 0, 0) == ""
+
+
+def test_the_host_reports_only_what_changed_since_the_scan_the_router_holds(tmp_path):
+    from link_kernel.agent import scan_report
+
+    root = tmp_path / "work"
+    for i in range(5):
+        write(root / f"f{i}.txt", str(i))
+    request = {"root": str(root), "prune": [], "id": "router1", "since": ""}
+    first = scan_report(scan_tree(str(root)), request)
+    assert first["files"] == scan_tree(str(root)) and first["files_token"]
+    assert (root / ".link" / "scan-router1").exists() and ".link/scan-router1" not in first["files"]
+
+    write(root / "f1.txt", "changed", mtime=OLD)
+    (root / "f2.txt").unlink()
+    write(root / "new.txt", "new")
+    now = scan_tree(str(root))
+    second = scan_report(now, {**request, "since": first["files_token"]})
+    assert "files" not in second
+    diff = second["files_diff"]
+    assert diff["since"] == first["files_token"]
+    assert set(diff["changed"]) == {"f1.txt", "new.txt"} and diff["removed"] == ["f2.txt"]
+    rebuilt = dict(first["files"])
+    rebuilt.update(diff["changed"])
+    for path in diff["removed"]:
+        rebuilt.pop(path)
+    assert rebuilt == now
+
+    third = scan_report(now, {**request, "since": second["files_token"]})
+    assert third["files_diff"] == {"since": second["files_token"], "changed": {}, "removed": []}
+    # a token this host does not hold (another router wrote since, or a restart): all of it
+    stale = scan_report(now, {**request, "since": first["files_token"]})
+    assert stale["files"] == now
+    other = scan_report(now, {**request, "id": "router2", "since": stale["files_token"]})
+    assert other["files"] == now  # each router keeps its own

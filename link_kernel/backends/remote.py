@@ -137,6 +137,10 @@ class RemoteBackend(Backend):
         self._started_cell = False
         self._interrupt_pending = False
         self._standby_due = False
+        #: The host's last scan of the work directory, and its token (see agent.scan_report).
+        self._scan: dict[str, list] | None = None
+        self._scan_token = ""
+        self._scan_id = uuid.uuid4().hex
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
         self._closing = False
@@ -544,7 +548,12 @@ class RemoteBackend(Backend):
         transport = self._transport()
         link.update(self.sync.instructions(inputs, plan, transport.blob_dir, self.algo))
         if request.route.files and self.journal is not None:
-            link["scan"] = {"root": transport.workdir, "prune": self._filesync().ignore.prune_dirs()}
+            link["scan"] = {
+                "root": transport.workdir,
+                "prune": self._filesync().ignore.prune_dirs(),
+                "id": self._scan_id,
+                "since": self._scan_token,  # the host sends only what changed since
+            }
         metadata = {**request.msg.get("metadata", {}), "link": link}
         t0 = time.perf_counter()
         pending = conn.send(
@@ -579,11 +588,28 @@ class RemoteBackend(Backend):
         sizes = {v["id"]: v["size"] for v in inputs.values.values()}
         self.last["sent"] += sum(sizes[i] for i in missing)
 
+    def _remote_scan(self, outputs: Outputs) -> dict[str, list] | None:
+        """The host's scan after the cell: as sent, or the kept one with its changes."""
+        now = outputs.files
+        diff = outputs.files_diff
+        if now is None and diff is not None:
+            if diff.get("since") == self._scan_token and self._scan is not None:
+                now = dict(self._scan)
+                now.update(diff.get("changed", {}))
+                for path in diff.get("removed", ()):
+                    now.pop(path, None)
+            else:  # never happens with one router per token; be safe anyway
+                outputs.files_error = "the host reported changes to a scan this notebook lacks"
+        if now is not None or outputs.files_error:
+            self._scan, self._scan_token = now, outputs.files_token if now is not None else ""
+        return now
+
     async def _bring_back(self, outputs: Outputs, request: ExecuteRequest) -> None:
         """Files and variables back, side by side (they use separate channels)."""
         tasks = [self._bring_back_variables(outputs)]
-        if outputs.files is not None:
-            tasks.append(self.pull_files(outputs.files))
+        remote_now = self._remote_scan(outputs)
+        if remote_now is not None:
+            tasks.append(self.pull_files(remote_now))
         elif outputs.files_error:
             self.notes.append(f"[link] files not synced from {self.name}: {outputs.files_error}\n")
         results = await asyncio.gather(*tasks, return_exceptions=True)

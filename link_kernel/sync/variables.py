@@ -99,6 +99,9 @@ class Outputs:
     timings: dict[str, float] = field(default_factory=dict)
     #: The host's scan of its work directory after the cell (None: files=off).
     files: dict[str, list] | None = None
+    #: Or only what changed since the scan named ``since`` (see agent.scan_report).
+    files_diff: dict[str, Any] | None = None
+    files_token: str = ""
     files_error: str = ""
 
     @classmethod
@@ -110,6 +113,8 @@ class Outputs:
             errors=content.get("errors", {}),
             timings=content.get("timings", {}),
             files=content.get("files"),
+            files_diff=content.get("files_diff"),
+            files_token=content.get("files_token", ""),
             files_error=content.get("files_error", ""),
         )
 
