@@ -33,6 +33,9 @@ from pathlib import Path
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
+#: Slurm tracks a job's processes by cgroup where the v1 freezer is mounted (every
+#: process of the job, double-forked daemons included); elsewhere by parentage.
+CGROUP_V1 = os.path.isdir("/sys/fs/cgroup/freezer")
 
 
 class SlurmError(RuntimeError):
@@ -171,7 +174,7 @@ class SlurmCluster:
                     f"SlurmdPidFile={d / 'slurmd.pid'}",
                     f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}",
                     f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
-                    "ProctrackType=proctrack/linuxproc",
+                    f"ProctrackType=proctrack/{'cgroup' if CGROUP_V1 else 'linuxproc'}",
                     "TaskPlugin=task/none",
                     "SelectType=select/cons_tres",
                     "SelectTypeParameters=CR_Core",
@@ -199,6 +202,11 @@ class SlurmCluster:
         )
         last = self.gpus - 1
         (self.dir / "gres.conf").write_text(f"Name=gpu File={d / 'dev'}/nvidia[0-{last}]\n")
+        if CGROUP_V1:  # Slurm's cgroup process tracking: a job's every process, daemons too
+            (self.dir / "cgroup.conf").write_text(
+                "CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nConstrainDevices=no\n"
+                "ConstrainCores=no\nConstrainRAMSpace=no\n"
+            )
 
     def _start_munged(self) -> None:
         key = self.munge_dir / "munge.key"
