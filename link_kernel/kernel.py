@@ -446,7 +446,10 @@ class LinkKernel(Kernel):
 
     async def _execute(self, parent, frames, i, ident, code, silent, store) -> Reply:
         cell = routing.parse(code)
-        targets = routing.resolve(cell.route.targets or self.default, self.known_targets())
+        wanted = cell.route.targets or self.default
+        # the host registry is read afresh for each cell that names a host, not for local ones
+        local_only = all(target == routing.LOCAL for target in wanted)
+        targets = routing.resolve(wanted, [routing.LOCAL] if local_only else self.known_targets())
         await self._ready()
         died = await self.local.ensure_alive()
         if died is not None:
