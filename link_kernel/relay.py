@@ -7,8 +7,8 @@ The relay only has to:
 - route each message to the frontend's socket identity;
 - re-sign it when the kernel's HMAC key differs from the router's (remote
   kernels get a key of their own, so a host never learns the key the frontend
-  trusts); a local kernel shares the router's key and its frames pass as is;
-- optionally rewrite a message's content (the execution count of a remote cell).
+  trusts), and give it the router's session id; a local kernel shares the
+  router's key and session id, and its frames pass as is.
 
 Status and welcome messages never get here: :mod:`link_kernel.connection`
 consumes them, so the frontend sees only the router's own status.
@@ -20,7 +20,6 @@ import hmac
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,6 @@ from jupyter_client.session import DELIM, Session
 from .connection import Frames, KernelConnection, _bytes
 
 log = logging.getLogger(__name__)
-
-#: Rewrites (msg_type, content) -> new content or None to keep it.
-ContentRewrite = Callable[[str, dict], dict | None]
 
 
 class Relay:
@@ -48,7 +44,6 @@ class Relay:
         self.iopub = iopub
         self.stdin = stdin
         self.shell_idents: list[bytes] = []
-        self.rewrite: ContentRewrite | None = None
         #: Message types not to relay for the cell being served.
         self.drop: frozenset[str] = frozenset()
         self._stdin_kernel: KernelConnection | None = None
@@ -115,11 +110,6 @@ class Relay:
         header = json.loads(parts[0])
         header["session"] = self.session.session
         parts[0] = self.session.pack(header)
-        if self.rewrite is not None:
-            msg_type = json.loads(parts[0])["msg_type"]
-            content = self.rewrite(msg_type, json.loads(parts[3]))
-            if content is not None:
-                parts[3] = self.session.pack(content)
         return [DELIM, self.session.sign(parts), *parts, *frames[i + 6 :]]
 
     def iopub_sink(self, conn: KernelConnection):
@@ -148,7 +138,7 @@ class Relay:
 
     def reply_frames(self, conn: KernelConnection, frames: Frames) -> list | None:
         """A kernel's reply (frames from DELIM on), ready for the frontend's idents."""
-        if self._same_key(conn) and self.rewrite is None:
+        if self._same_key(conn):
             return list(frames)
         return self._resign(conn, frames, 0)
 
