@@ -208,6 +208,18 @@ def ssh_config_aliases(path: Path | None = None) -> list[str]:
     return names
 
 
+def stamp() -> tuple:
+    """What changes when :func:`load` would answer differently (the files it reads)."""
+    marks = []
+    for path in (registry_path(), Path("~/.ssh/config").expanduser()):
+        try:
+            st = path.stat()
+            marks.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            marks.append((str(path), None))
+    return tuple(marks)
+
+
 def load(registry: Path | None = None, ssh_config: Path | None = None) -> dict[str, HostConfig]:
     """Every known host: built-in ``process``, ssh config hosts, then the registry."""
     hosts = {PROCESS: HostConfig(alias=PROCESS, transport="process", source="built-in")}

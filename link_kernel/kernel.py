@@ -168,6 +168,8 @@ class LinkKernel(Kernel):
         self.sync = VariableSync(self.local)
         self.journal: Journal | None = None
         self._unsynced = ""  # why the notebook folder is not synced, once said
+        self._hosts: dict[str, HostConfig] = {}
+        self._hosts_stamp: tuple = ()
         self._raw: dict[str, tuple[list, int]] = {}
         self._active: Backend | None = None
         self._echoed = ""
@@ -628,8 +630,11 @@ class LinkKernel(Kernel):
         return self.journal
 
     def hosts(self) -> dict[str, HostConfig]:
-        """Known hosts, read afresh so 'link-kernel hosts add' needs no restart."""
-        return hosts_module.load()
+        """Known hosts, read again whenever their files change ('hosts add' needs no restart)."""
+        stamp = hosts_module.stamp()
+        if stamp != self._hosts_stamp:
+            self._hosts, self._hosts_stamp = hosts_module.load(), stamp
+        return self._hosts
 
     async def _run_local(self, parent, frames, i, ident, cell) -> Reply:
         request = ExecuteRequest(
