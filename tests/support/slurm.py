@@ -24,11 +24,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from .processes import Service, end_process, free_port
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -57,7 +58,7 @@ def available() -> str:
     return ""
 
 
-class SlurmCluster:
+class SlurmCluster(Service):
     """munged + slurmctld + slurmd for one node, alive as long as the context."""
 
     partition = "debug"
@@ -81,17 +82,6 @@ class SlurmCluster:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def __enter__(self) -> SlurmCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def start(self) -> None:
         self._write_files()
         self._start_munged()
@@ -101,14 +91,8 @@ class SlurmCluster:
 
     def close(self) -> None:
         """Terminate each daemon (slurmd first) and wait for it; remove the files."""
-        for name, proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for _, proc in reversed(self._procs):
+            end_process(proc, STOP_TIMEOUT)
         self._procs.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -154,7 +138,7 @@ class SlurmCluster:
             (self.dir / sub).mkdir(mode=0o755)
         for index in range(self.gpus):
             os.mknod(self.dir / "dev" / f"nvidia{index}", 0o666 | 0o020000, os.makedev(1, 3))
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        ctld_port, slurmd_port = free_port(), free_port()
         d = self.dir
         self.conf.write_text(
             "\n".join(
@@ -263,7 +247,3 @@ class SlurmCluster:
         raise SlurmError(f"the node did not become idle (sinfo: {state!r})\n{self.logs()}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -23,7 +23,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+
+from .processes import Service, end_process, free_port
 
 SSHD = "/usr/sbin/sshd"
 # sshd's per-connection monitor can exit without waiting for its unprivileged
@@ -51,7 +52,7 @@ class SSHServerError(RuntimeError):
     """sshd did not start; the message carries its log."""
 
 
-class SSHServer:
+class SSHServer(Service):
     """An OpenSSH sshd on 127.0.0.1 that lives as long as the context.
 
     Attributes, valid once ``start()`` returned (``__enter__`` calls it):
@@ -99,17 +100,6 @@ class SSHServer:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def __enter__(self) -> SSHServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def start(self) -> None:
         """Start sshd and return once it listens.
 
@@ -121,7 +111,7 @@ class SSHServer:
         keep_port = self.port != 0
         for _attempt in range(5):
             if not keep_port:
-                self.port = _free_port()
+                self.port = free_port()
             self._write_configs()
             if self._spawn():
                 return
@@ -143,13 +133,7 @@ class SSHServer:
         try:
             self._kill_sessions()
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            end_process(proc, STOP_TIMEOUT)
             if self._reader is not None:
                 self._reader.join(STOP_TIMEOUT)
             if proc.stderr is not None:
@@ -323,13 +307,6 @@ class SSHServer:
             deadline = time.monotonic() + STOP_TIMEOUT
             while time.monotonic() < deadline and any(_exists(pid) for pid in level):
                 time.sleep(0.01)
-
-
-def _free_port() -> int:
-    """A port that was free a moment ago (sshd cannot take an open socket)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _children_map() -> dict[int, list[int]]:
