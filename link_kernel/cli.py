@@ -203,19 +203,13 @@ def _hosts_check(args: argparse.Namespace) -> int:
     import zmq
 
     from .backends.remote import RemoteBackend
-
-    class _NoRelay:
-        def iopub_sink(self, conn):
-            return lambda *a: None
-
-        def on_stdin_request(self, *a):
-            return None
+    from .relay import NullRelay
 
     async def run() -> None:
         host = _host(args.alias)
         context = zmq.Context()
         backend = RemoteBackend(
-            host, local_dir=os.getcwd(), context=context, relay=_NoRelay(), sync=None
+            host, local_dir=os.getcwd(), context=context, relay=NullRelay(), sync=None
         )
         timings: dict[str, float] = {}
         try:

@@ -167,3 +167,17 @@ class Relay:
             log.warning("dropped an input_reply with a bad signature")
             return
         conn.send_stdin([DELIM, conn.session.sign(parts), *parts, *frames[i + 6 :]])
+
+
+class NullRelay:
+    """A relay with no frontend: a kernel's outputs and input requests go nowhere.
+
+    For kernels started outside a notebook (``link-kernel hosts check``).
+    """
+
+    def iopub_sink(self, conn: KernelConnection):
+        return lambda *args: None
+
+    def on_stdin_request(self, *args: Any) -> None:
+        return None
+

@@ -18,6 +18,7 @@ from remote_hosts import register
 from test_ssh_hosts import ssh_host
 
 from link_kernel import agent
+from link_kernel.relay import NullRelay
 from link_kernel.transports import Supervisor
 
 KEY = re.compile(rb"[0-9a-f]{64}")
@@ -110,16 +111,9 @@ def test_no_key_on_a_command_line_or_in_a_log(sshd, tmp_path):
     host = ssh_host("secret", sshd, tmp_path)
     log = tmp_path / "router.log"
 
-    class NoRelay:
-        def iopub_sink(self, conn):
-            return lambda *a: None
-
-        def on_stdin_request(self, *a):
-            return None
-
     async def remote_key() -> bytes:
         context = zmq.Context()
-        backend = RemoteBackend(host, local_dir=str(tmp_path), context=context, relay=NoRelay(),
+        backend = RemoteBackend(host, local_dir=str(tmp_path), context=context, relay=NullRelay(),
                                 sync=None)
         kernel = await backend.start_kernel({})
         key = kernel.provisioner.remote_info["key"].encode()
