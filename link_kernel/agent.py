@@ -781,14 +781,18 @@ def scan_report(now: dict, request: dict) -> dict:
         except (OSError, ValueError):
             pass
     token = secrets.token_hex(8)
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(sep.join([token, *entries]).encode("utf-8", "surrogateescape"))
         os.replace(tmp, path)
-    except OSError:
-        token = ""  # not kept: the next report is whole again
+    except OSError:  # a full disk, say: not kept, and the next report is whole again
+        token = ""
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
     _forget_old_scans(folder, name)
     if previous is None:
         return {"files": now, "files_token": token}
