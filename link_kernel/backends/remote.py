@@ -137,6 +137,7 @@ class RemoteBackend(Backend):
         self._started_cell = False
         self._interrupt_pending = False
         self._standby_due = False
+        self._releasing: set[asyncio.Future] = set()
         #: The host's last scan of the work directory, and its token (see agent.scan_report).
         self._scan: dict[str, list] | None = None
         self._scan_token = ""
@@ -430,7 +431,7 @@ class RemoteBackend(Backend):
                 timings["standby"] = 1.0
                 return kernel
             if kernel is not None:
-                asyncio.ensure_future(self._release(kernel))
+                self._release_soon(kernel)
         return await self.start_kernel(timings, wanted, resources)
 
     def after_reply(self) -> None:
@@ -477,11 +478,18 @@ class RemoteBackend(Backend):
             fut.set_result(kernel)
             self.standby = fut
         else:
-            asyncio.ensure_future(self._release(kernel))
+            self._release_soon(kernel)
 
     def _release_when_done(self, task: asyncio.Future) -> None:
         if not task.cancelled() and task.exception() is None:
-            asyncio.ensure_future(self._release(task.result()))
+            self._release_soon(task.result())
+
+    def _release_soon(self, kernel: RemoteKernel) -> None:
+        """Release in the background; the task is kept (the loop holds tasks weakly)
+        and shutdown waits for it."""
+        task = asyncio.ensure_future(self._release(kernel))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def _standby_done(self, task: asyncio.Future) -> None:
         if task.cancelled():
@@ -735,6 +743,8 @@ class RemoteBackend(Backend):
         if self.running is not None:
             await self._release(self.running)
             self.running = None
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self.transport is not None:
