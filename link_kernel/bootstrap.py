@@ -261,6 +261,8 @@ def main(argv):
     hello.update(extra)
     report(out, "HELLO", hello)
     if missing:
+        if node_dir is not None:  # the connection file holds the key: it goes too
+            shutil.rmtree(node_dir, ignore_errors=True)
         report(out, "EXIT", {"status": 3, "reason": "missing " + ", ".join(missing)})
         return 3
     become_subreaper()
