@@ -337,6 +337,23 @@ def test_placeholders(code: str, placeholders: set[str]) -> None:
     assert names.placeholders <= names.reads
 
 
+@pytest.mark.parametrize(
+    ("code", "inplace"),
+    [
+        pytest.param("a *= 2", {"a"}, id="augmented"),
+        pytest.param("for x in xs:\n    total += x", {"total"}, id="in-a-loop"),
+        pytest.param("a = b\na *= 2", set(), id="bound-first-is-not-an-input"),
+        pytest.param("def f():\n    global a\n    a += 1", set(), id="inside-a-function"),
+        pytest.param("a[0] += 1\nb.x -= 1", set(), id="item-and-attribute"),
+        pytest.param("c = a * 2", set(), id="read-only"),
+    ],
+)
+def test_inplace(code: str, inplace: set[str]) -> None:
+    names = analyze(code)
+    assert names.inplace == inplace
+    assert names.inplace <= names.reads
+
+
 def test_star_import() -> None:
     names = analyze("from numpy import *\nx = array(y)")
     assert names.star_import

@@ -654,8 +654,12 @@ def test_the_host_reports_only_what_changed_since_the_scan_the_router_holds(tmp_
         rebuilt.pop(path)
     assert rebuilt == now
 
+    kept = (root / ".link" / "scan-router1").stat()
     third = scan_report(now, {**request, "since": second["files_token"]})
     assert third["files_diff"] == {"since": second["files_token"], "changed": {}, "removed": []}
+    # nothing changed: the kept scan stays as it is, under the same token
+    assert third["files_token"] == second["files_token"]
+    assert (root / ".link" / "scan-router1").stat().st_mtime_ns == kept.st_mtime_ns
     # a token this host does not hold (another router wrote since, or a restart): all of it
     stale = scan_report(now, {**request, "since": first["files_token"]})
     assert stale["files"] == now

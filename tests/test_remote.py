@@ -65,6 +65,26 @@ def test_remote_kernel_is_gone_when_the_reply_arrives(link_remote, remote):
     assert result.reply["metadata"]["link"]["target"] == remote
 
 
+def test_the_reply_is_the_kernels_and_exit_hooks_run_before_it(link_remote, remote, tmp_path):
+    """The router takes the reply from the cell's last iopub message (it carries a copy):
+    user_expressions and payloads are the kernel's own, and the kernel's atexit hooks
+    have run by the time the reply arrives."""
+    hook = tmp_path / "hook-ran"
+    result = link_remote.run(
+        f"# link: {remote}\nimport atexit\n"
+        f"atexit.register(lambda: open({str(hook)!r}, 'w').write('done'))\n"
+        "get_ipython().set_next_input('next cell')\nanswer = 6 * 7",
+        user_expressions={"twice": "answer * 2", "bad": "1 / 0"},
+    )
+    assert result.status == "ok", result.text
+    expressions = result.content["user_expressions"]
+    assert expressions["twice"]["status"] == "ok"
+    assert expressions["twice"]["data"]["text/plain"] == "84"
+    assert expressions["bad"]["status"] == "error" and expressions["bad"]["ename"] == "ZeroDivisionError"
+    assert [p["source"] for p in result.content["payload"]] == ["set_next_input"]
+    assert hook.read_text() == "done"
+
+
 def test_keep_reuses_one_kernel_and_release_ends_it(link_remote, remote):
     first = int(link_remote.run(f"# link: {remote} keep\nimport os\nstate = 41\nos.getpid()").result)
     second = link_remote.run(f"# link: {remote}\nstate += 1\n(os.getpid(), state)")

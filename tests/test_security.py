@@ -148,6 +148,7 @@ def test_no_key_on_a_command_line_or_in_a_log(sshd, tmp_path):
 
 
 def test_only_blobs_that_match_their_hash_are_unpickled(tmp_path):
+    """A blob that came by transfer (named ``ID.in``) is checked before it is unpickled."""
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -157,17 +158,28 @@ def test_only_blobs_that_match_their_hash_are_unpickled(tmp_path):
     blob_id, size = agent.write_blob(str(tmp_path), Payload(), "sha256")
     path = tmp_path / blob_id
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # one flipped bit
-    path.write_bytes(bytes(data))
+    data[-1] ^= 0xFF  # one flipped bit on the way
+    path.unlink()
+    arrived = tmp_path / (blob_id + agent.UNCHECKED)
+    arrived.write_bytes(bytes(data))
+    assert agent.has_blob(str(tmp_path), blob_id)
     with pytest.raises(agent.BlobError, match="does not match its hash"):
         agent.read_blob(str(tmp_path), blob_id)
     assert not marker.exists()
+    assert arrived.exists() and not path.exists()  # still unchecked: refused again next time
 
-    forged = tmp_path / ("sha256-" + "0" * 64)
+    forged = tmp_path / ("sha256-" + "0" * 64 + agent.UNCHECKED)
     forged.write_bytes(bytes(data))
     with pytest.raises(agent.BlobError):
-        agent.read_blob(str(tmp_path), forged.name)
+        agent.read_blob(str(tmp_path), forged.name[: -len(agent.UNCHECKED)])
     assert not marker.exists()
+
+    # a good blob is checked on its first load, then known good
+    good_id, _ = agent.write_blob(str(tmp_path), {"k": [1, 2]}, "sha256")
+    (tmp_path / good_id).rename(tmp_path / (good_id + agent.UNCHECKED))
+    assert agent.read_blob(str(tmp_path), good_id) == {"k": [1, 2]}
+    assert (tmp_path / good_id).exists() and not (tmp_path / (good_id + agent.UNCHECKED)).exists()
+    assert agent.read_blob(str(tmp_path), good_id) == {"k": [1, 2]}
 
     small_id, parts = agent.blob_of([1, 2, 3], "xxh3")
     entry = agent.describe([1, 2, 3], small_id, parts, str(tmp_path))
@@ -210,3 +222,15 @@ def test_a_host_python_that_does_not_fit_is_refused(hello, message):
 
     with pytest.raises(RemoteEnvironmentError, match=re.escape(message)):
         asyncio.run(check())
+
+
+def test_a_blob_loaded_for_writing_is_a_private_copy(tmp_path):
+    import numpy as np
+
+    blob_id, _ = agent.write_blob(str(tmp_path), np.arange(2**18, dtype=np.float64), "sha256")
+    before = (tmp_path / blob_id).read_bytes()
+    value = agent.read_blob(str(tmp_path), blob_id, write=True)
+    value *= 2
+    assert value[-1] == 2 * (2**18 - 1)
+    assert (tmp_path / blob_id).read_bytes() == before
+    assert agent.read_blob(str(tmp_path), blob_id)[-1] == 2**18 - 1

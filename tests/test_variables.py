@@ -170,3 +170,16 @@ def test_the_gpu_hook_moves_tensors_to_the_cpu():
     back = pickle.loads(pickled, buffers=buffers)["weights"]
     assert moved == [("cpu",)]
     assert type(back) is torch.Tensor and back.device.type == "cpu" and back.tolist() == [1.0, 2.0]
+
+
+def test_an_input_changed_in_place_leaves_the_stored_blobs_as_they_were(link_remote, remote):
+    """``a *= 2`` loads ``a`` as a private copy made at once; the blob it came from stays."""
+    link_remote.run("import numpy as np\na = np.arange(2**18, dtype=np.float64)")
+    for factor in (2, 4):
+        assert link_remote.run(f"# link: {remote}\na *= 2").status == "ok"
+        assert link_remote.run(f"bool((a == np.arange(2**18) * {factor}).all())").result == "True"
+    # the first input again: its blob is on the host (sent 0 B), and still holds the input
+    link_remote.run("a = np.arange(2**18, dtype=np.float64)")
+    again = link_remote.run(f"# link: {remote}\na *= 2")
+    assert again.reply["metadata"]["link"]["sent"] == 0
+    assert link_remote.run("bool((a == np.arange(2**18) * 2).all())").result == "True"

@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from ..connection import KernelConnection
+from ..connection import KernelConnection, Pending
 from ..errors import (
     CellInterrupted,
     ConnectionLostError,
@@ -85,6 +85,8 @@ class RemoteKernel:
     resources: tuple[tuple[str, str], ...] = ()
     started_at: float = field(default_factory=time.monotonic)
     cells: int = 0
+    #: The router has asked it to end (it ends once its cell is over).
+    ending: bool = False
 
     @property
     def supervisor(self):
@@ -141,6 +143,8 @@ class RemoteBackend(Backend):
         #: The host's last scan of the work directory, and its token (see agent.scan_report).
         self._scan: dict[str, list] | None = None
         self._scan_token = ""
+        #: The token of the host scan the last clean pull reconciled.
+        self._pulled_token = ""
         self._scan_id = uuid.uuid4().hex
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
@@ -293,16 +297,19 @@ class RemoteBackend(Backend):
                 kernel.supervisor.keepalive()
             await asyncio.sleep(1.0)
 
-    async def _release(self, kernel: RemoteKernel) -> ShutdownStep:
-        """Escalate until the host reports the kernel's process group gone."""
+    async def _release(self, kernel: RemoteKernel, *, tidy_later: bool = False) -> ShutdownStep:
+        """Escalate until the host reports the kernel's process group gone.
+
+        Then close its tunnels and its supervisor's session, at once or, with
+        ``tidy_later``, in a kept background task (a cell's reply need not
+        wait for that: its kernel is already gone). A Slurm job's end is
+        always waited for: it holds the job's GPUs until it leaves the queue.
+        """
         supervisor = kernel.supervisor
         step = ShutdownStep.DIED
         if not supervisor.done:
             step = ShutdownStep.REQUEST
-            try:
-                kernel.conn.send("shutdown_request", {"restart": False}, channel="control")
-            except LinkError:
-                pass
+            self._ask_to_end(kernel)
             for next_step, command in (
                 (ShutdownStep.TERM, "TERM"),
                 (ShutdownStep.KILL, "KILL"),
@@ -318,9 +325,22 @@ class RemoteBackend(Backend):
                     else:
                         await supervisor.close()
         kernel.conn.close()
-        await kernel.provisioner.cleanup()
         self.last["shutdown"] = step.value
+        if tidy_later and kernel.provisioner.job is None:
+            self._keep_task(kernel.provisioner.cleanup())
+        else:
+            await kernel.provisioner.cleanup()
         return step
+
+    def _ask_to_end(self, kernel: RemoteKernel) -> None:
+        """Send the kernel its shutdown_request, once."""
+        if kernel.ending:
+            return
+        kernel.ending = True
+        try:
+            kernel.conn.send("shutdown_request", {"restart": False}, channel="control")
+        except LinkError:
+            pass
 
     # -- cells ------------------------------------------------------------------------
 
@@ -380,6 +400,9 @@ class RemoteBackend(Backend):
             fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
             if self.algo is None:  # the first kernel tells which hashes the host has
                 kernel = await fresh
+        files = None
+        if request.route.files and self.journal is not None:  # side by side with the inputs
+            files = asyncio.ensure_future(self._timed(self.push_files(), timings, "files out"))
         try:
             t0 = time.perf_counter()
             record = request.content["code"] if request.record else None
@@ -391,13 +414,14 @@ class RemoteBackend(Backend):
                 self._recording = asyncio.ensure_future(self.sync.export(plan, "", record))
             await self._push(inputs)
             timings["inputs"] = time.perf_counter() - t0
-            if request.route.files and self.journal is not None:
-                t1 = time.perf_counter()
-                await self.push_files()
-                timings["files out"] = time.perf_counter() - t1
+            if files is not None:
+                await files
             if fresh is not None:
                 kernel = await fresh
         except BaseException:
+            if files is not None and not files.done():
+                files.cancel()  # the push stops at its next file and keeps its state
+                await _settled(files)
             if fresh is None:
                 self.kept = kernel  # a kept kernel stays kept
             else:
@@ -485,9 +509,13 @@ class RemoteBackend(Backend):
             self._release_soon(task.result())
 
     def _release_soon(self, kernel: RemoteKernel) -> None:
-        """Release in the background; the task is kept (the loop holds tasks weakly)
-        and shutdown waits for it."""
-        task = asyncio.ensure_future(self._release(kernel))
+        """Release in the background."""
+        self._keep_task(self._release(kernel))
+
+    def _keep_task(self, work) -> None:
+        """Run ``work`` in the background; the task is kept (the loop holds tasks only
+        weakly) and shutdown waits for it."""
+        task = asyncio.ensure_future(work)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -503,7 +531,7 @@ class RemoteBackend(Backend):
         self.running = kernel
         outputs = None
         try:
-            reply, outputs = await self._run(kernel, request, plan, inputs, timings)
+            reply, outputs = await self._run(kernel, request, plan, inputs, timings, not keep)
         finally:
             self.running = None
             kernel.cells += 1
@@ -529,7 +557,15 @@ class RemoteBackend(Backend):
                 self.last["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return Reply(content=reply["content"], metadata=reply.get("metadata") or {})
 
-    async def _run(self, kernel, request, plan, inputs, timings) -> tuple[dict, Outputs | None]:
+    async def _run(
+        self, kernel, request, plan, inputs, timings, release: bool
+    ) -> tuple[dict, Outputs | None]:
+        """Send the cell and wait until it is over.
+
+        A kernel to be released is asked to end the moment its ``link_result``
+        arrives (everything of the cell is here then); it has run its exit
+        hooks already, and ends while the outputs are brought back.
+        """
         conn = kernel.conn
         relay = self.relay.iopub_sink(conn)
         result: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
@@ -537,7 +573,10 @@ class RemoteBackend(Backend):
         def on_iopub(frames, i, msg_type, parent_id):
             if msg_type == "link_result":
                 if parent_id == request.msg_id and not result.done():
-                    result.set_result(conn.unpack(frames[i:])["content"])
+                    content = conn.unpack(frames[i:])["content"]
+                    if release and isinstance(content.get("reply"), dict):
+                        self._ask_to_end(kernel)
+                    result.set_result(content)
                 return
             if msg_type == "execute_input" and parent_id == request.msg_id:
                 self._started_cell = True  # the kernel is in the cell: SIGINT now lands
@@ -552,7 +591,7 @@ class RemoteBackend(Backend):
 
         conn.on_iopub = on_iopub
         conn.on_stdin = self.relay.on_stdin_request
-        link = {"count": request.execution_count}
+        link = {"count": request.execution_count, "release": release}
         transport = self._transport()
         link.update(self.sync.instructions(inputs, plan, transport.blob_dir, self.algo))
         if request.route.files and self.journal is not None:
@@ -572,17 +611,35 @@ class RemoteBackend(Backend):
             metadata=metadata,
             internal=False,
         )
-        frames = await pending.done()
+        reply = await self._finished(conn, pending, result)
         timings["run"] = time.perf_counter() - t0
-        try:
-            reply = conn.unpack(frames)
-        except ValueError as exc:
-            msg = f"the kernel on {self.name} sent a reply that does not verify: {exc}"
-            raise KernelDiedError(msg) from exc
         outputs = Outputs.from_content(result.result()) if result.done() else None
         if outputs is not None:
             timings.update({f"host {k}": v for k, v in outputs.timings.items()})
         return reply, outputs
+
+    async def _finished(self, conn: KernelConnection, pending: Pending, result: asyncio.Future) -> dict:
+        """The cell's reply, as soon as the cell is over.
+
+        The wrapper's ``link_result`` comes after every output of the cell and
+        carries a copy of the reply: the cell is over when it arrives. A kernel
+        that sends none (no wrapper) is over at its own reply and idle.
+        """
+        own = asyncio.ensure_future(pending.done())
+        try:
+            await asyncio.wait({own, result}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            own.cancel()
+            raise
+        if result.done() and isinstance(result.result().get("reply"), dict):
+            own.cancel()
+            return result.result()["reply"]
+        frames = await own
+        try:
+            return conn.unpack(frames)
+        except ValueError as exc:
+            msg = f"the kernel on {self.name} sent a reply that does not verify: {exc}"
+            raise KernelDiedError(msg) from exc
 
     async def _push(self, inputs: Inputs) -> None:
         ids = [v["id"] for v in inputs.values.values() if "inline" not in v]
@@ -616,8 +673,15 @@ class RemoteBackend(Backend):
         """Files and variables back, side by side (they use separate channels)."""
         tasks = [self._bring_back_variables(outputs)]
         remote_now = self._remote_scan(outputs)
-        if remote_now is not None:
-            tasks.append(self.pull_files(remote_now))
+        diff = outputs.files_diff or {}
+        unchanged = (
+            outputs.files is None
+            and diff.get("since") == outputs.files_token == self._pulled_token != ""
+            and not diff.get("changed")
+            and not diff.get("removed")
+        )
+        if remote_now is not None and not unchanged:  # (unchanged: pulled already)
+            tasks.append(self.pull_files(remote_now, outputs.files_token))
         elif outputs.files_error:
             self.notes.append(f"[link] files not synced from {self.name}: {outputs.files_error}\n")
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -661,12 +725,14 @@ class RemoteBackend(Backend):
         self._file_notes(report)
         return report
 
-    async def pull_files(self, remote_now: dict[str, list]) -> SyncReport:
-        """Bring back what changed on the host, given the host's own scan."""
+    async def pull_files(self, remote_now: dict[str, list], token: str = "") -> SyncReport:
+        """Bring back what changed on the host, given the host's own scan (``token``)."""
         transport = self._transport()
         fs = await transport.filesystem()
+        self._pulled_token = ""
         report = await self._filesync().pull(fs, transport.workdir, remote_now)
         self._file_notes(report)
+        self._pulled_token = "" if report.warnings() else token
         return report
 
     async def sync_files(self) -> SyncReport:
@@ -686,9 +752,17 @@ class RemoteBackend(Backend):
         for line in report.warnings():
             self.notes.append(f"[link] {line}\n")
 
+    @staticmethod
+    async def _timed(work, timings: dict[str, float], key: str) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await work
+        finally:
+            timings[key] = time.perf_counter() - t0
+
     async def _timed_release(self, kernel: RemoteKernel, timings: dict[str, float]) -> None:
         t0 = time.perf_counter()
-        await self._release(kernel)
+        await self._release(kernel, tidy_later=True)
         timings["release"] = time.perf_counter() - t0
 
     async def interrupt(self) -> None:

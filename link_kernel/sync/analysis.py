@@ -108,6 +108,9 @@ class Names:
     #: Reads whose value the cell never uses: it only deletes them (or may), so they
     #: must exist before the cell, but any stand-in object will do.
     placeholders: frozenset[str] = frozenset()
+    #: Module names the cell changes in place with an augmented assignment
+    #: (``a *= 2``): a hint for loading them (the host copies them at once).
+    inplace: frozenset[str] = frozenset()
 
 
 def analyze(code: str) -> Names:
@@ -123,7 +126,21 @@ def analyze(code: str) -> Names:
     names = _Analyzer().module(tree.body)
     if _IPYTHON_NAME in names.reads and not re.search(r"\bget_ipython\b", code):
         names = replace(names, reads=names.reads - {_IPYTHON_NAME})
-    return names
+    return replace(names, inplace=_augmented(tree.body) & names.reads)
+
+
+def _augmented(body: list[ast.stmt]) -> frozenset[str]:
+    """Names that module-level code augments (``a += b``), outside functions and classes."""
+    found = set()
+    todo: list[ast.AST] = list(body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            found.add(node.target.id)
+        todo.extend(ast.iter_child_nodes(node))
+    return frozenset(found)
 
 
 # -- Router lines ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..agent import has_blob
 from ..backends.local import LocalBackend
 from ..errors import SerializationError, SyncError, TransferError
 from ..routing import Route
@@ -54,6 +55,8 @@ class Plan:
     explicit: bool = False  # the reads were named with in=
     #: Names the cell only deletes: a stand-in is sent, not the value.
     placeholders: list[str] = field(default_factory=list)
+    #: Inputs the cell changes in place as a whole (``a *= 2``).
+    inplace: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, code: str, route: Route) -> Plan:
@@ -67,6 +70,7 @@ class Plan:
             reads=sorted(names.reads - names.placeholders),
             outputs=_outputs(route),
             placeholders=sorted(names.placeholders),
+            inplace=sorted(names.inplace),
         )
 
 
@@ -186,6 +190,7 @@ class VariableSync:
             "inputs": {name: _entry(v) for name, v in inputs.values.items()},
             "modules": inputs.modules,
             "placeholders": inputs.placeholders,
+            "inplace": plan.inplace,
             "outputs": plan.outputs,
             "cap": self.cap,
         }
@@ -209,7 +214,7 @@ class VariableSync:
         return [
             v["id"]
             for v in outputs.values.values()
-            if "inline" not in v and not (self.store / v["id"]).exists()
+            if "inline" not in v and not has_blob(str(self.store), v["id"])
         ]
 
 

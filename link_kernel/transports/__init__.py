@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from ..agent import UNCHECKED
 from ..errors import KernelStartError, RemoteEnvironmentError
 from ..slurm import QUEUED
 
@@ -291,15 +292,21 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def missing_blobs(self, ids: list[str]) -> list[str]:
-        """The blobs of ``ids`` the host's store lacks."""
+        """The blobs of ``ids`` the host's store lacks (checked or not)."""
 
     @abc.abstractmethod
     async def push_blobs(self, local_store: str, ids: list[str]) -> None:
-        """Copy blobs from the local store into the host's; whole or not at all."""
+        """Copy blobs from the local store into the host's; whole or not at all.
+
+        Each lands as ``ID`` + :data:`UNCHECKED`: its first load checks it.
+        """
 
     @abc.abstractmethod
     async def pull_blobs(self, ids: list[str], local_store: str) -> None:
-        """Copy blobs from the host's store into the local one; whole or not at all."""
+        """Copy blobs from the host's store into the local one; whole or not at all.
+
+        Each lands as ``ID`` + :data:`UNCHECKED`: its first load checks it.
+        """
 
     @abc.abstractmethod
     async def spawn(self, spec: LaunchSpec, source: str) -> Supervisor:

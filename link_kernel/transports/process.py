@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..agent import UNCHECKED, has_blob
 from . import LaunchSpec, Supervisor, Transport
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class ProcessTransport(Transport):
         return fsspec.filesystem("file")
 
     async def missing_blobs(self, ids: list[str]) -> list[str]:
-        return [i for i in ids if not os.path.exists(os.path.join(self.blob_dir, i))]
+        return [i for i in ids if not has_blob(self.blob_dir, i)]
 
     async def push_blobs(self, local_store: str, ids: list[str]) -> None:
         await asyncio.to_thread(_link_or_copy, local_store, self.blob_dir, ids)
@@ -176,15 +177,19 @@ def _kernel_env() -> dict[str, str]:
 
 
 def _link_or_copy(src: str, dest: str, ids: list[str]) -> None:
-    """Hard-link blobs between stores on one machine (copy across filesystems)."""
+    """Hard-link blobs between stores on one machine (copy across filesystems).
+
+    Nothing crosses a wire: a checked blob stays checked, an unchecked one not.
+    """
     import shutil
 
     os.makedirs(dest, mode=0o700, exist_ok=True)
     for blob_id in ids:
-        target = os.path.join(dest, blob_id)
-        if os.path.exists(target):
+        if has_blob(dest, blob_id):
             continue
-        source = os.path.join(src, blob_id)
+        suffix = "" if os.path.exists(os.path.join(src, blob_id)) else UNCHECKED
+        source = os.path.join(src, blob_id + suffix)
+        target = os.path.join(dest, blob_id + suffix)
         tmp = f"{target}.{os.getpid()}.tmp"
         try:
             os.link(source, tmp)

@@ -79,6 +79,7 @@ from ..errors import (
     TransportError,
     UnknownHostKeyError,
 )
+from ..agent import UNCHECKED
 from ..hosts import HostConfig
 from . import LaunchSpec, Supervisor, Transport
 
@@ -1997,7 +1998,7 @@ class SSHTransport(Transport):
 
     async def missing_blobs(self, ids: list[str]) -> list[str]:
         present = set(await asyncio.to_thread(self._live().sftp().listdir, self.blob_dir))
-        return [i for i in ids if i not in present]
+        return [i for i in ids if i not in present and i + UNCHECKED not in present]
 
     async def push_blobs(self, local_store: str, ids: list[str]) -> None:
         await asyncio.to_thread(self._push_blobs, local_store, ids)
@@ -2007,7 +2008,9 @@ class SSHTransport(Transport):
         sftp = connection.sftp()
         for blob_id in ids:
             source = os.path.join(local_store, blob_id)
-            target = posixpath.join(self.blob_dir, blob_id)
+            if not os.path.exists(source):
+                source += UNCHECKED
+            target = posixpath.join(self.blob_dir, blob_id + UNCHECKED)
             size = os.path.getsize(source)
             if size >= BULK_MIN and self._bulk(source, target, upload=True):
                 continue
@@ -2112,10 +2115,13 @@ class SSHTransport(Transport):
         sftp = connection.sftp()
         os.makedirs(local_store, mode=0o700, exist_ok=True)
         for blob_id in ids:
-            target = os.path.join(local_store, blob_id)
+            target = os.path.join(local_store, blob_id + UNCHECKED)
             source = posixpath.join(self.blob_dir, blob_id)
             try:
                 size = sftp.stat(source).st_size or 0
+            except FileNotFoundError:  # it came from here and no kernel loaded it
+                source += UNCHECKED
+                size = 0
             except (OSError, paramiko.SSHException, EOFError):
                 size = 0
             if size >= BULK_MIN and self._bulk(target, source, upload=False):
