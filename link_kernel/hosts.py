@@ -67,6 +67,9 @@ class HostConfig:
     ssh_config: str = ""
     known_hosts: str = ""
     standby: bool = True
+    #: GiB of the last cell's data (its big inputs and outputs) a standby holds ready;
+    #: 0 holds none. The host's own limit is half its available memory.
+    standby_data: float = 4.0
     idle_timeout: float = 600.0
     #: Cells run as Slurm jobs started with ``srun`` on this host (a login node).
     slurm: bool = False
@@ -184,7 +187,8 @@ def save_registry(hosts: dict[str, HostConfig], path: Path | None = None) -> Pat
     header = (
         "# Link (hybrid) hosts. Edit freely; 'link-kernel hosts add/remove' rewrite this file.\n"
         "# Settings: transport, hostname, port, user, identity, python, workdir, cache (the\n"
-        "# host's variable cache), kernel, ssh_config, known_hosts, standby, idle_timeout,\n"
+        "# host's variable cache), kernel, ssh_config, known_hosts, standby, standby_data\n"
+        "# (GiB of the last cell's data a standby holds ready), idle_timeout,\n"
         "# slurm (cells run as Slurm jobs) and its defaults partition, gpus, cpus, mem, time.\n\n"
     )
     tmp = path.with_suffix(".tmp")

@@ -234,3 +234,94 @@ def test_a_blob_loaded_for_writing_is_a_private_copy(tmp_path):
     assert value[-1] == 2 * (2**18 - 1)
     assert (tmp_path / blob_id).read_bytes() == before
     assert agent.read_blob(str(tmp_path), blob_id)[-1] == 2**18 - 1
+
+
+def test_a_preloaded_blob_is_a_private_copy_used_once(tmp_path):
+    import numpy as np
+
+    store = str(tmp_path)
+    blob_id, size = agent.write_blob(store, np.arange(2**16, dtype=np.float64), "sha256")
+    unchecked_id, _ = agent.write_blob(store, np.ones(2**16), "sha256")
+    (tmp_path / unchecked_id).rename(tmp_path / (unchecked_id + agent.UNCHECKED))
+    try:
+        assert agent.preload(store, [blob_id, unchecked_id, "sha256-missing"], 2**20) == size
+        assert agent.preloaded() == size
+        agent._PRELOADED[blob_id].done.wait(10)
+        value = agent.read_blob(store, blob_id, write=True)
+        assert blob_id in agent._TAKEN
+        value *= 2
+        assert value[-1] == 2 * (2**16 - 1)
+        assert agent.read_blob(store, blob_id)[-1] == 2**16 - 1  # the file, as it was
+        assert blob_id not in agent._PRELOADED
+        assert agent.preload(store, [blob_id], size - 1) == 0  # over the budget: nothing
+        assert not agent._PRELOADED
+    finally:
+        agent._PRELOADED.clear()
+        agent._TAKEN.clear()
+        agent._PRELOADED_BYTES = 0
+
+
+def test_the_chunked_hash_depends_on_the_content_alone(monkeypatch):
+    """xxh3t hashes chunks side by side; how the content is cut into parts does not matter."""
+    monkeypatch.setattr(agent._Xxh3Tree, "CHUNK", 1000)
+    data = bytes(range(256)) * 20  # 5120 bytes: six chunks
+
+    def name(*parts) -> str:
+        hasher = agent._hasher("xxh3t")
+        for part in parts:
+            hasher.update(part)
+        return hasher.hexdigest()
+
+    whole = name(data)
+    assert name(data[:7], data[7:2500], memoryview(data)[2500:]) == whole
+    import numpy as np
+
+    assert name(np.frombuffer(data, dtype=np.float64)) == whole  # any buffer, by its bytes
+    changed = bytearray(data)
+    changed[4000] ^= 1
+    assert name(bytes(changed)) != whole
+    assert name(data + b"\0") != whole and name(b"") != name(b"\0")
+
+
+def test_an_interrupt_that_escapes_ipykernels_handler_still_gets_a_reply():
+    """SIGINT between ipykernel's execute_input and the cell escapes its handler, which
+    then sends no reply: the wrapper sends the error and the reply, and the router's
+    link_result carries it (the router would otherwise wait for ever)."""
+    import asyncio
+    import types
+
+    from jupyter_client.session import Session
+
+    class Wire:
+        def __init__(self):
+            self.sent = []
+
+        def send_multipart(self, frames, *args, **kwargs):
+            self.sent.append(frames)
+
+    session = Session(key=b"k")
+    kernel = types.SimpleNamespace(session=session, iopub_socket=Wire())
+    shell = types.SimpleNamespace(execution_count=3, user_ns={}, user_ns_hidden={},
+                                  last_execution_result=types.SimpleNamespace(success=True))
+
+    async def original(stream, ident, parent):
+        raise KeyboardInterrupt
+
+    handler = agent._wrap_execute(shell, kernel, original)
+    parent = session.msg("execute_request", {"code": "1"}, metadata={"link": {"count": 3}})
+    shell_stream = Wire()
+    asyncio.run(handler(shell_stream, [b"id"], parent))
+
+    def messages(wire):
+        out = []
+        for frames in wire.sent:
+            i = frames.index(b"<IDS|MSG>")
+            out.append(session.deserialize(frames[i + 1 :]))
+        return out
+
+    reply = messages(shell_stream)[0]
+    assert reply["msg_type"] == "execute_reply" and reply["content"]["ename"] == "KeyboardInterrupt"
+    published = messages(kernel.iopub_socket)
+    assert [m["msg_type"] for m in published] == ["error", "link_result"]
+    result = published[1]["content"]
+    assert result["succeeded"] is False and result["reply"]["content"]["status"] == "error"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -183,3 +184,24 @@ def test_an_input_changed_in_place_leaves_the_stored_blobs_as_they_were(link_rem
     again = link_remote.run(f"# link: {remote}\na *= 2")
     assert again.reply["metadata"]["link"]["sent"] == 0
     assert link_remote.run("bool((a == np.arange(2**18) * 2).all())").result == "True"
+
+
+def test_the_standby_holds_the_last_cells_data_ready(link_remote, remote):
+    """The standby booted after a cell preloads that cell's big inputs and outputs:
+    running the cell again finds them in memory, and %link status shows what it holds."""
+    link_remote.run("import numpy as np\na = np.arange(2**18, dtype=np.float64)")
+    assert link_remote.run(f"# link: {remote}\nb = a * 3\na *= 2").status == "ok"
+    deadline = time.monotonic() + 30
+    while True:
+        status = link_remote.run("%link status").outputs[0]["content"]["data"]["text/plain"]
+        if "standby kernel pid" in status or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    line = next(line for line in status.splitlines() if line.startswith(remote))
+    assert re.search(r"holding 6\.\d MiB ready", line), status  # a as sent, b and a as they came back
+    link_remote.run("a = np.arange(2**18, dtype=np.float64)")
+    again = link_remote.run(f"# link: {remote}\nb = a * 3\na *= 2")
+    assert again.reply["metadata"]["link"]["sent"] == 0
+    assert again.reply["metadata"]["link"]["ready"] == ["a"]  # loaded from the standby's copy
+    check = "bool((a == np.arange(2**18) * 2).all() and (b == np.arange(2**18) * 3).all())"
+    assert link_remote.run(check).result == "True"

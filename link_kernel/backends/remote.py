@@ -54,7 +54,7 @@ from ..relay import Relay
 from ..slurm import SlurmCommands, SlurmLaunch, find_commands
 from ..slurm import resources as slurm_resources
 from ..sync.files import FileSync, Journal, SyncReport
-from ..sync.variables import Inputs, Outputs, Plan, VariableSync, default_store
+from ..sync.variables import Inputs, Outputs, Plan, VariableSync, default_store, format_size
 from ..transports import Transport
 from ..transports.factory import make_transport
 from . import Backend, ExecuteRequest, Reply
@@ -87,6 +87,8 @@ class RemoteKernel:
     cells: int = 0
     #: The router has asked it to end (it ends once its cell is over).
     ending: bool = False
+    #: Bytes of the last cell's data it holds ready (a standby; see agent.preload).
+    preloaded: int = 0
 
     @property
     def supervisor(self):
@@ -145,6 +147,8 @@ class RemoteBackend(Backend):
         self._scan_token = ""
         #: The token of the host scan the last clean pull reconciled.
         self._pulled_token = ""
+        #: The blobs of the last cell's big inputs and outputs (a standby preloads them).
+        self._last_blobs: list[str] = []
         self._scan_id = uuid.uuid4().hex
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
@@ -250,7 +254,7 @@ class RemoteBackend(Backend):
         )
         if self.algo is None:
             modules = supervisor.hello.result().get("modules", {})
-            self.algo = "xxh3" if "xxhash" in modules else "sha256"
+            self.algo = "xxh3t" if "xxhash" in modules else "sha256"
         supervisor.exited.add_done_callback(lambda fut, k=kernel: self._on_exit(k, fut))
         self._live.add(kernel)
         self._ensure_keepalive()
@@ -400,9 +404,6 @@ class RemoteBackend(Backend):
             fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
             if self.algo is None:  # the first kernel tells which hashes the host has
                 kernel = await fresh
-        files = None
-        if request.route.files and self.journal is not None:  # side by side with the inputs
-            files = asyncio.ensure_future(self._timed(self.push_files(), timings, "files out"))
         try:
             t0 = time.perf_counter()
             record = request.content["code"] if request.record else None
@@ -414,14 +415,13 @@ class RemoteBackend(Backend):
                 self._recording = asyncio.ensure_future(self.sync.export(plan, "", record))
             await self._push(inputs)
             timings["inputs"] = time.perf_counter() - t0
-            if files is not None:
-                await files
+            if request.route.files and self.journal is not None:
+                t1 = time.perf_counter()
+                await self.push_files()
+                timings["files out"] = time.perf_counter() - t1
             if fresh is not None:
                 kernel = await fresh
         except BaseException:
-            if files is not None and not files.done():
-                files.cancel()  # the push stops at its next file and keeps its state
-                await _settled(files)
             if fresh is None:
                 self.kept = kernel  # a kept kernel stays kept
             else:
@@ -481,15 +481,23 @@ class RemoteBackend(Backend):
         paid here, in the background, the user's cell does not pay it.
         """
         kernel = await self.start_kernel({}, self.host.kernel)
+        agent = "__import__('__link_agent__')"
+        code = f"{agent}.warm()\n"
+        budget = int(self.host.standby_data * 2**30)
+        if self._last_blobs and budget > 0:
+            store = self._transport().blob_dir
+            code += f"{agent}.preload({store!r}, {self._last_blobs!r}, {budget})\n"
         try:
-            await kernel.conn.request(
+            reply = await kernel.conn.request(
                 "execute_request",
-                {"code": "__import__('__link_agent__').warm()\n0", "silent": False,
-                 "store_history": False, "user_expressions": {},
+                {"code": code + "0", "silent": False, "store_history": False,
+                 "user_expressions": {"preloaded": f"{agent}.preloaded()"},
                  "allow_stdin": False, "stop_on_error": False},
                 timeout=self.start_timeout,
             )
-        except (LinkError, asyncio.TimeoutError):
+            preloaded = reply["content"].get("user_expressions", {}).get("preloaded", {})
+            kernel.preloaded = int(preloaded.get("data", {}).get("text/plain", "0"))
+        except (LinkError, asyncio.TimeoutError, ValueError, AttributeError):
             pass
         except BaseException:  # cancelled (released, shut down): end what was started
             await asyncio.shield(self._release(kernel))
@@ -532,6 +540,9 @@ class RemoteBackend(Backend):
         outputs = None
         try:
             reply, outputs = await self._run(kernel, request, plan, inputs, timings, not keep)
+            if outputs is not None:  # what the next cell's standby preloads
+                big = [*inputs.values.values(), *outputs.values.values()]
+                self._last_blobs = list(dict.fromkeys(v["id"] for v in big if "inline" not in v))
         finally:
             self.running = None
             kernel.cells += 1
@@ -616,6 +627,8 @@ class RemoteBackend(Backend):
         outputs = Outputs.from_content(result.result()) if result.done() else None
         if outputs is not None:
             timings.update({f"host {k}": v for k, v in outputs.timings.items()})
+            if outputs.ready:
+                self.last["ready"] = outputs.ready
         return reply, outputs
 
     async def _finished(self, conn: KernelConnection, pending: Pending, result: asyncio.Future) -> dict:
@@ -752,14 +765,6 @@ class RemoteBackend(Backend):
         for line in report.warnings():
             self.notes.append(f"[link] {line}\n")
 
-    @staticmethod
-    async def _timed(work, timings: dict[str, float], key: str) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return await work
-        finally:
-            timings[key] = time.perf_counter() - t0
-
     async def _timed_release(self, kernel: RemoteKernel, timings: dict[str, float]) -> None:
         t0 = time.perf_counter()
         await self._release(kernel, tidy_later=True)
@@ -830,7 +835,9 @@ class RemoteBackend(Backend):
         if self.kept is not None and self.kept.alive:
             states.append(f"kept kernel pid {self.kept.pid}")
         if self._standby_ready():
-            states.append(f"standby kernel pid {self.standby.result().pid}")
+            spare = self.standby.result()
+            holding = f", holding {format_size(spare.preloaded)} ready" if spare.preloaded else ""
+            states.append(f"standby kernel pid {spare.pid}{holding}")
         elif self.standby is not None:
             states.append("standby kernel starting")
         if not states:

@@ -107,6 +107,8 @@ class Outputs:
     files_diff: dict[str, Any] | None = None
     files_token: str = ""
     files_error: str = ""
+    #: Inputs a standby had ready in memory.
+    ready: list[str] = field(default_factory=list)
 
     @classmethod
     def from_content(cls, content: dict) -> Outputs:
@@ -120,6 +122,7 @@ class Outputs:
             files_diff=content.get("files_diff"),
             files_token=content.get("files_token", ""),
             files_error=content.get("files_error", ""),
+            ready=content.get("ready", []),
         )
 
     @property
@@ -134,7 +137,7 @@ class VariableSync:
         self.local = local
         self.store = Path(store or default_store())
         self.cap = cap
-        self.algo = "xxh3"
+        self.algo = "xxh3t"
 
     async def export(self, plan: Plan, algo: str, record: str | None = None) -> Inputs:
         """Write the cell's inputs as blobs in the local store.
