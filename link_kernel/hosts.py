@@ -88,6 +88,10 @@ class HostConfig:
         if self.transport not in TRANSPORTS:
             msg = f"host {self.alias!r}: transport {self.transport!r} is not one of {TRANSPORTS}"
             raise HostConfigError(msg)
+        data = self.standby_data
+        if isinstance(data, bool) or not isinstance(data, (int, float)) or data < 0:
+            msg = f"host {self.alias!r}: standby_data is GiB, a number >= 0 (got {self.standby_data!r})"
+            raise HostConfigError(msg)
         defaults = self.slurm_defaults()
         if defaults and not self.slurm:
             msg = (

@@ -484,3 +484,14 @@ def test_proxy_jump_through_an_alias(sshd: SSHServer, tmp_path: Path):
         assert c.exec(["echo", "inside"])[1] == b"inside\n"
         jump = c._session.jump
     assert not jump.alive  # closing the connection closed its jump connection
+
+
+@pytest.mark.parametrize("value", ["4", -1, True])
+def test_a_bad_standby_data_setting_is_refused_clearly(tmp_path: Path, value):
+    from link_kernel.hosts import load_registry
+
+    registry = tmp_path / "hosts.toml"
+    text = f"{value!r}".replace("True", "true").replace("'", '"')
+    registry.write_text(f'[hosts.gpu]\nhostname = "gpu.example.org"\nstandby_data = {text}\n')
+    with pytest.raises(HostConfigError, match="standby_data is GiB"):
+        load_registry(registry)
