@@ -142,11 +142,31 @@ class LinkKernelApp(IPKernelApp):
             signal.SIGINT, lambda: asyncio.ensure_future(kernel.interrupt_active())
         )
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self._terminate()))
+        loop.add_signal_handler(signal.SIGUSR1, self._dump_state)
         try:
             super().start()
         finally:
             if not kernel._closing:
                 loop.run_until_complete(kernel.stop_backends())
+
+    def _dump_state(self) -> None:
+        """SIGUSR1: write every thread's stack and every asyncio task's to stderr (the
+        Jupyter server's log), so a cell that never ends shows where it waits."""
+        import faulthandler
+        import io
+
+        err = sys.__stderr__
+        if err is None:
+            return
+        err.write("[link] threads:\n")
+        err.flush()
+        faulthandler.dump_traceback(file=err, all_threads=True)
+        out = io.StringIO()
+        for task in asyncio.all_tasks(asyncio.get_event_loop()):
+            out.write(f"{task!r}\n")
+            task.print_stack(file=out)
+        err.write("[link] asyncio tasks:\n" + out.getvalue() + "[link] end of dump\n")
+        err.flush()
 
     async def _terminate(self) -> None:
         await self.kernel.stop_backends()

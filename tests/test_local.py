@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -250,3 +252,30 @@ def test_a_cell_magic_behind_a_routing_comment_runs(link):
     assert result.status == "ok", result.text
     assert [m["content"]["code"] for m in result.inputs] == [code]
     assert link.run("(value_from_magic, captured.stdout)").result == "(7, 'hidden\\n')"
+
+
+def test_sigusr1_dumps_the_routers_threads_and_tasks(tmp_path):
+    """A cell that never ends can be located: SIGUSR1 writes the router's thread and asyncio
+    task stacks to its stderr, and the kernel carries on."""
+    from jupyter_client import KernelManager
+
+    log = tmp_path / "router.log"
+    km = KernelManager(kernel_name="link")
+    with log.open("w") as err:
+        km.start_kernel(stderr=err)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        os.kill(km.provisioner.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "[link] end of dump" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = log.read_text()
+        assert "[link] threads:" in text and "Current thread" in text
+        assert "[link] asyncio tasks:" in text and "[link] end of dump" in text
+        reply = kc.execute_interactive("1 + 1", timeout=30)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
