@@ -897,7 +897,6 @@ def install(shell, wrap: bool = True) -> None:
     if wrap and handlers is not None and "execute_request" in handlers:
         handlers["execute_request"] = _wrap_execute(shell, kernel, handlers["execute_request"])
         _lean_exit(shell, kernel)
-        sys.setswitchinterval(0.0005)  # quick hand-offs between ipykernel's threads
 
 
 def _lean_exit(shell, kernel) -> None:

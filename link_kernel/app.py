@@ -24,9 +24,6 @@ from zmq.eventloop.zmqstream import ZMQStream
 from .connection import LoopStream, SocketReader
 from .kernel import LinkKernel
 
-#: The GIL switch interval of the router process, in seconds (Python's default is 5 ms).
-SWITCH_INTERVAL = 0.0005
-
 
 class LoopSocket:
     """A socket owned by the main loop that any thread may send on.
@@ -132,9 +129,6 @@ class LinkKernelApp(IPKernelApp):
             self.iopub_socket.send_multipart([topic.encode(), *parts] if topic else parts)
 
     def start(self) -> None:
-        # The router hands every message between threads (zmq, SSH, file journal):
-        # at the default 5 ms GIL switch interval a busy thread delays each hand-off.
-        sys.setswitchinterval(SWITCH_INTERVAL)
         loop = asyncio.get_event_loop()
         self.init_readers()
         kernel: LinkKernel = self.kernel
