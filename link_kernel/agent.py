@@ -37,6 +37,7 @@ until it is touched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -120,12 +121,17 @@ class _Xxh3Tree:
         if len(chunks) == 1:
             digests = [digest(chunks[0])]
         else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
-                digests = list(pool.map(digest, chunks))
+            digests = list(_hash_pool().map(digest, chunks))
         size = sum(view.nbytes for view in self._parts)
         return xxhash.xxh3_128(b"".join(digests) + struct.pack("<Q", size)).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _hash_pool():
+    """The threads that hash chunks, started once per process (not once per value)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="link-hash")
 
 
 # -- serialization -------------------------------------------------------------------
@@ -367,12 +373,24 @@ def read_blob(store: str, blob_id: str, copy: bool = False, write: bool = False)
     path = os.path.join(store, blob_id)
     ready = None if copy else _take_preloaded(blob_id)
     if ready is not None:
-        value = _load(blob_id, memoryview(ready), check=False)
+        view, checked = memoryview(ready), True
+    else:
+        view, checked = _read_view(path, blob_id, copy, write)
+    value = _load(blob_id, view, check=not checked)
+    if not checked:
         try:
-            os.utime(path)
+            os.replace(path + UNCHECKED, path)
         except OSError:
-            pass
-        return value
+            pass  # another kernel checked it first, or a read-only store
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+    return value
+
+
+def _read_view(path: str, blob_id: str, copy: bool, write: bool) -> tuple:
+    """(the blob's bytes, whether it is checked): ``path``, else ``path`` + UNCHECKED."""
     checked = True
     try:
         f = open(path, "rb")
@@ -387,23 +405,11 @@ def read_blob(store: str, blob_id: str, copy: bool = False, write: bool = False)
         if copy:
             data = bytearray(size)
             f.readinto(data)
-            view = memoryview(data)
-        else:
-            mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
-            if write and size:
-                _populate_write(mapped)
-            view = memoryview(mapped)
-    value = _load(blob_id, view, check=not checked)
-    if not checked:
-        try:
-            os.replace(path + UNCHECKED, path)
-        except OSError:
-            pass  # another kernel checked it first, or a read-only store
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-    return value
+            return memoryview(data), checked
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+        if write and size:
+            _populate_write(mapped)
+        return memoryview(mapped), checked
 
 
 #: madvise(MADV_POPULATE_WRITE), Linux 5.14 (Python names it from 3.13 or not at all).
@@ -423,13 +429,20 @@ def _madvise(mapped, advice: int) -> None:
         return
     import ctypes
 
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     anchor = ctypes.c_char.from_buffer(mapped)
     try:
-        madvise(ctypes.addressof(anchor), len(mapped), advice)
+        _libc_madvise()(ctypes.addressof(anchor), len(mapped), advice)
     finally:
         del anchor
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_madvise():
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 # -- a standby holds the last cell's data ready ------------------------------------------
