@@ -569,6 +569,40 @@ def test_the_journal_sees_create_modify_delete_move(tmp_path):
     assert not journal.alive and journal.take() is None
 
 
+def test_take_soon_waits_for_the_observer_on_the_event_loop(tmp_path):
+    journal = Journal(str(tmp_path), Ignore(str(tmp_path)))
+    threads = set(threading.enumerate())
+
+    async def takes() -> list:
+        seen = [await journal.take_soon()]
+        seen.append(await journal.take_soon())
+        write(tmp_path / "a.txt", "a")
+        seen.append(await journal.take_soon())  # written just before: listed
+        seen.append(await journal.take_soon())
+        threads_during.update(threading.enumerate())
+        write(tmp_path / ".linkignore", "*.txt\n")
+        seen.append(await journal.take_soon())
+        return seen
+
+    threads_during: set = set()
+    with journal:
+        observer = set(threading.enumerate()) - threads
+        assert asyncio.run(takes()) == [None, set(), {"a.txt"}, set(), None]
+        assert not journal._wakers  # every waiter removed itself
+    assert threads_during - threads - observer == set()  # no worker thread was needed
+
+
+def test_a_push_with_nothing_changed_does_nothing_and_a_change_is_pushed(watched):
+    write(watched.local / "a.txt", "a")
+    watched.both()  # full comparison: the journal's first take
+    assert watched.sync._quiet(str(watched.remote))
+
+    assert not watched.push(known=False).changed
+    write(watched.local / "b.txt", "b")  # just before the push
+    assert watched.push(known=False).uploaded == ["b.txt"]
+    assert scan_tree(str(watched.remote)) == scan_tree(str(watched.local))
+
+
 def test_the_journal_gives_up_when_the_kernel_drops_events(tmp_path):
     """Overflow the kernel's inotify queue while this process keeps the GIL (so the
     observer cannot read): events are lost, and take() must say so."""

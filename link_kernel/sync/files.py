@@ -37,6 +37,7 @@ import asyncio
 import bisect
 import contextlib
 import fnmatch
+import functools
 import inspect
 import json
 import logging
@@ -347,6 +348,13 @@ def too_big(root: str, ignore: Ignore, max_files: int, max_bytes: int) -> str:
     return ""
 
 
+#: FileSync._push takes the journal's paths itself.
+_UNTAKEN = object()
+
+#: How long a barrier waits when it cannot chmod the root to make its own event.
+_UNPOKED_WAIT = 0.01
+
+
 class Journal:
     """The relative paths changed under the local root, kept by a watchdog observer.
 
@@ -374,6 +382,7 @@ class Journal:
         self._cond = threading.Condition()
         self._pending: dict[str, set[str] | None] = {}
         self._barriers = 0
+        self._wakers: list[Callable[[], None]] = []  # event loops awaiting a barrier
         self._observer: Any = None
         self._overflow: _OverflowWatch | None = None
 
@@ -431,15 +440,58 @@ class Journal:
         """The paths changed since ``consumer``'s last take, or None: compare everything.
 
         Blocks for as long as the observer needs to catch up (about a millisecond;
-        at most :attr:`barrier_timeout`). Call it from a worker thread.
+        at most :attr:`barrier_timeout`). Call it from a worker thread, or await
+        :meth:`take_soon` on the event loop.
         """
+        if not self._enrolled(consumer):
+            return None
+        return self._taken(consumer, self._barrier(consumer))
+
+    async def take_soon(self, consumer: str = "") -> set[str] | None:
+        """:meth:`take` for the event loop: the barrier is awaited, no thread waits.
+
+        A cell that touched no file then costs the chmod and the observer's own
+        threads, not a worker thread's round trip as well.
+        """
+        if not self._enrolled(consumer):
+            return None
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:  # on the observer's thread, under the condition
+            loop.call_soon_threadsafe(woken.set)
+
+        with self._cond:
+            seen = self._barriers
+            self._wakers.append(wake)
+        try:
+            if not self._poke():
+                await asyncio.sleep(_UNPOKED_WAIT)
+                caught_up = True
+            else:
+                deadline = loop.time() + self.barrier_timeout
+                while not self._caught_up(consumer, seen):
+                    woken.clear()
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(woken.wait(), remaining)
+                caught_up = self._caught_up(consumer, seen)
+        finally:
+            with self._cond:
+                self._wakers.remove(wake)
+        return self._taken(consumer, caught_up)
+
+    def _enrolled(self, consumer: str) -> bool:
+        """Whether ``consumer`` had taken before (else it starts now) and the observer runs."""
         with self._cond:
             first = consumer not in self._pending
             if first:
                 self._pending[consumer] = set()
-        if first or not self.alive:
-            return None
-        caught_up = self._barrier(consumer)
+        return not first and self.alive
+
+    def _taken(self, consumer: str, caught_up: bool) -> set[str] | None:
         with self._cond:
             paths, self._pending[consumer] = self._pending[consumer], set()
         return paths if caught_up else None
@@ -450,7 +502,7 @@ class Journal:
             for key in self._pending:
                 if consumer is None or key == consumer:
                     self._pending[key] = None
-            self._cond.notify_all()
+            self._wake()
 
     def _barrier(self, consumer: str) -> bool:
         """Wait until the observer has seen what happened before now. False if it did
@@ -458,17 +510,30 @@ class Journal:
         the kernel may have dropped the barrier's own event)."""
         with self._cond:
             seen = self._barriers
+        if not self._poke():
+            time.sleep(_UNPOKED_WAIT)
+            return True
+        with self._cond:
+            return self._cond.wait_for(lambda: self._caught_up(consumer, seen), self.barrier_timeout)
+
+    def _poke(self) -> bool:
+        """Make an event the observer will see after every earlier one: chmod the root
+        to its own mode. False if the root is not ours to chmod; then the caller
+        waits out the observer's usual latency (:data:`_UNPOKED_WAIT`) instead."""
         try:
             os.chmod(self.root, stat.S_IMODE(os.stat(self.root).st_mode))
         except OSError:
-            # Not our directory to chmod: fall back to the observer's usual latency.
-            time.sleep(0.01)
-            return True
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self._barriers > seen or self._pending.get(consumer, ()) is None,
-                self.barrier_timeout,
-            )
+            return False
+        return True
+
+    def _caught_up(self, consumer: str, seen: int) -> bool:
+        return self._barriers > seen or self._pending.get(consumer, ()) is None
+
+    def _wake(self) -> None:
+        """Under the condition: wake every waiter, threads and event loops."""
+        self._cond.notify_all()
+        for wake in self._wakers:
+            wake()
 
     def _record(self, event: Any) -> None:
         """Called by the observer's thread for every event."""
@@ -477,7 +542,7 @@ class Journal:
             if src.rstrip(os.sep) == self.root:
                 with self._cond:
                     self._barriers += 1
-                    self._cond.notify_all()
+                    self._wake()
             return
         dest = os.fsdecode(getattr(event, "dest_path", "") or "")
         paths = []
@@ -1085,7 +1150,25 @@ class FileSync:
         host is taken to be as the base says, except that a file the base does not
         know is never overwritten on the host.
         """
-        return (await self._operate(fs, remote_root, self._push, remote_now)).report
+        changed: set[str] | None | object = _UNTAKEN
+        if self.journal is not None:
+            changed = await self.journal.take_soon(self.host)
+            if changed == set() and remote_now is None and self._quiet(remote_root):
+                return SyncReport(host=self.host)  # nothing changed here: no worker needed
+        body = functools.partial(self._push, changed=changed)
+        return (await self._operate(fs, remote_root, body, remote_now)).report
+
+    def _quiet(self, remote_root: str) -> bool:
+        """Whether a push that the journal says has no changed path has nothing to do."""
+        base = self._base
+        return (
+            base is not None
+            and base.complete
+            and base.remote_root == (remote_root.rstrip("/") or "/")
+            and not self._pending
+            and not self._litter
+            and not self._lock.locked()
+        )
 
     async def pull(self, fs: Any, remote_root: str, remote_now: dict[str, Sig]) -> SyncReport:
         """Bring back what the host created, changed or deleted since the last sync.
@@ -1136,9 +1219,11 @@ class FileSync:
                 run.finish()
             self._save(base)
 
-    def _push(self, run: _Run, remote_now: dict[str, Sig] | None) -> None:
+    def _push(self, run: _Run, remote_now: dict[str, Sig] | None, changed: Any = _UNTAKEN) -> None:
+        """``changed``: the journal's paths if taken already (else it is taken here)."""
         base = run.base
-        changed = self.journal.take(self.host) if self.journal is not None else None
+        if changed is _UNTAKEN:
+            changed = self.journal.take(self.host) if self.journal is not None else None
         pending, self._pending = self._pending, set()
         try:
             full = changed is None or not base.complete
