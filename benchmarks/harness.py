@@ -98,6 +98,33 @@ def timed_cell(client, code: str, timeout: float = 600.0):
     return result.elapsed, result
 
 
+def lean_cell(kc, code: str, timeout: float = 600.0) -> tuple[float, dict]:
+    """(seconds from execute_request to reply and idle, reply), as a frontend sees it.
+
+    The same for every kernel measured: a jupyter_client blocking client and no
+    schema validation, so the client's own cost is small and equal on both sides.
+    """
+    start = time.perf_counter()
+    msg_id = kc.execute(code)
+    deadline = start + timeout
+    reply, idle = None, False
+    while reply is None:
+        msg = kc.get_shell_msg(timeout=max(0.0, deadline - time.perf_counter()))
+        if msg["parent_header"].get("msg_id") == msg_id:
+            reply = msg
+    while not idle:
+        msg = kc.get_iopub_msg(timeout=max(0.0, deadline - time.perf_counter()))
+        idle = (
+            msg["parent_header"].get("msg_id") == msg_id
+            and msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "idle"
+        )
+    seconds = time.perf_counter() - start
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"benchmark cell failed: {reply['content']}")
+    return seconds, reply
+
+
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 

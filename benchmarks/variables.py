@@ -22,7 +22,7 @@ import os
 import subprocess
 import time
 
-from harness import isolated_jupyter, link_client, median_ms, register, ssh_host, sshd, timed_cell
+from harness import isolated_jupyter, lean_cell, link_client, median_ms, register, ssh_host, sshd
 
 
 def scp_seconds(server, base, path, size_mib: int) -> tuple[float, float]:
@@ -56,23 +56,23 @@ def main() -> None:
         try:
             client.run(f"import numpy as np\na = np.random.default_rng(0).random({n})\n" +
                        "\n".join(f"v{i} = {i}" for i in range(20)))
-            timed_cell(client, "# link: bench\n1")
+            lean_cell(client.kc, "# link: bench\n1")
             time.sleep(2)
-            first, result = timed_cell(client, "# link: bench\na *= 2")
-            moved = result.reply["metadata"]["link"]
+            first, reply = lean_cell(client.kc, "# link: bench\na *= 2")
+            moved = reply["metadata"]["link"]
             check = client.run(f"bool(a[:3].tolist() == (np.random.default_rng(0).random(3) * 2).tolist())")
             assert check.result == "True", check.text
             client.run(f"a = np.random.default_rng(0).random({n})")  # the same input again
             time.sleep(2)
-            again, again_result = timed_cell(client, "# link: bench\na *= 2")
+            again, again_reply = lean_cell(client.kc, "# link: bench\na *= 2")
             warm = []
             with_vars = []
             reads = "# link: bench\n" + " + ".join(f"v{i}" for i in range(20))
             for _ in range(10):
                 time.sleep(1.5)
-                warm.append(timed_cell(client, "# link: bench\n0")[0])
+                warm.append(lean_cell(client.kc, "# link: bench\n0")[0])
                 time.sleep(1.5)
-                with_vars.append(timed_cell(client, reads)[0])
+                with_vars.append(lean_cell(client.kc, reads)[0])
         finally:
             client.shutdown()
     mib = args.mib
@@ -84,8 +84,8 @@ def main() -> None:
           f"{', '.join(f'{k} {v:.2f}' for k, v in moved['timings'].items())})")
     print(f"ratio Link / scp throughput:      {link_rate / scp_rate:.2f}  (goal >= 0.6)")
     print(f"same cell, unchanged input:       {again:.2f} s = {again / first:.1%} of the first run  "
-          f"(goal < 5%; sent {again_result.reply['metadata']['link']['sent']} B; "
-          f"{', '.join(f'{k} {v:.2f}' for k, v in again_result.reply['metadata']['link']['timings'].items())})")
+          f"(goal < 5%; sent {again_reply['metadata']['link']['sent']} B; "
+          f"{', '.join(f'{k} {v:.2f}' for k, v in again_reply['metadata']['link']['timings'].items())})")
     print(f"20 small variables:               {median_ms(with_vars) - median_ms(warm):+.1f} ms "
           f"({median_ms(with_vars):.1f} against {median_ms(warm):.1f} ms)")
 
