@@ -946,7 +946,14 @@ def _lean_exit(shell, kernel) -> None:
         from ipykernel.kernelapp import IPKernelApp
 
         if IPKernelApp.initialized():
-            atexit.unregister(IPKernelApp.instance().close)
+            app = IPKernelApp.instance()
+            atexit.unregister(app.close)
+            if getattr(app, "iopub_thread", None) is not None:
+                # prepare_exit runs the atexit hooks right after link_result is
+                # queued for this thread; stopping it there could drop the message
+                # (the loop's stop can run before the queued send), and the router
+                # would wait for it forever.
+                atexit.unregister(app.iopub_thread.stop)
     except ImportError:
         pass
 

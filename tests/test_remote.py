@@ -85,6 +85,20 @@ def test_the_reply_is_the_kernels_and_exit_hooks_run_before_it(link_remote, remo
     assert hook.read_text() == "done"
 
 
+def test_exit_hooks_run_early_leave_the_iopub_thread_running(link_remote, remote):
+    """A released kernel runs its atexit hooks just after queueing link_result on
+    ipykernel's IOPub thread. ipykernel registers that thread's stop as an atexit
+    hook: run there, it could stop the thread before the queued message went out,
+    and the router waited for it forever (an intermittent hang)."""
+    result = link_remote.run(
+        f"# link: {remote} keep\nimport sys\n"
+        "sys.modules['__link_agent__'].prepare_exit()\n"
+        "get_ipython().kernel.iopub_thread.thread.is_alive()"
+    )
+    assert result.result == "True", result.text
+    assert link_remote.run(f"# link: {remote}\nprint('still here')").stdout == "still here\n"
+
+
 def test_keep_reuses_one_kernel_and_release_ends_it(link_remote, remote):
     first = int(link_remote.run(f"# link: {remote} keep\nimport os\nstate = 41\nos.getpid()").result)
     second = link_remote.run(f"# link: {remote}\nstate += 1\n(os.getpid(), state)")
