@@ -158,7 +158,14 @@ class LinkKernelApp(IPKernelApp):
         out = io.StringIO()
         for task in asyncio.all_tasks(asyncio.get_event_loop()):
             out.write(f"{task!r}\n")
-            task.print_stack(file=out)
+            # the whole chain of awaits (Task.print_stack shows the outermost frame only)
+            coro = task.get_coro()
+            while coro is not None:
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is not None:
+                    code = frame.f_code
+                    out.write(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
         err.write("[link] asyncio tasks:\n" + out.getvalue() + "[link] end of dump\n")
         err.flush()
 

@@ -6,8 +6,11 @@ jupyter_kernel_test, so a malformed message fails the test that saw it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,13 +96,32 @@ class Result:
 class LinkClient:
     """A kernel started through its kernelspec, with a blocking client."""
 
-    def __init__(self, km: KernelManager, kc: BlockingKernelClient) -> None:
+    def __init__(self, km: KernelManager, kc: BlockingKernelClient, log: Path | None = None) -> None:
         self.km = km
         self.kc = kc
+        #: The kernel's stderr, where a Link router writes its log and its state dumps.
+        self.log = log
+        self.log_file: Any = None
 
     @property
     def pid(self) -> int:
         return self.km.provisioner.process.pid
+
+    def dump_state(self) -> None:
+        """Have a Link router write its threads' and tasks' stacks to its stderr
+        (which the test's captured output shows), to see where a cell is stuck."""
+        if self.km is None or self.km.kernel_name != "link" or not self.km.has_kernel:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while self.log is not None and time.monotonic() < deadline:
+                if "[link] end of dump" in self.log.read_text(errors="replace"):
+                    break
+                time.sleep(0.05)
+        if self.log is not None:  # shown with the failing test's captured output
+            print(f"--- the router's stderr ({self.log}), last 30,000 characters ---")
+            print(self.log.read_text(errors="replace")[-30_000:])
 
     def run(
         self,
@@ -130,6 +152,7 @@ class LinkClient:
         while not (idle and result.reply):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self.dump_state()
                 msg = f"no reply/idle within {timeout} s for {code!r}; got {result}"
                 raise TimeoutError(msg)
             if on_input is not None:
@@ -197,6 +220,13 @@ class LinkClient:
         self.kc.stop_channels()
         if self.km.has_kernel:
             self.km.shutdown_kernel(now=False)
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.log is not None:
+            text = self.log.read_text(errors="replace")
+            if "Traceback" in text or "ERROR" in text:  # shown if the test fails
+                print(f"--- the router's stderr ---\n{text[-30_000:]}")
+            self.log.unlink(missing_ok=True)
 
 
 def start_client(kernel_name: str, *, cwd: str | None = None, env: dict | None = None) -> LinkClient:
@@ -206,7 +236,16 @@ def start_client(kernel_name: str, *, cwd: str | None = None, env: dict | None =
         kwargs["cwd"] = cwd
     if env is not None:
         kwargs["env"] = {**os.environ, **env}
-    km.start_kernel(**kwargs)
+    log = None
+    if kernel_name == "link":
+        fd, name = tempfile.mkstemp(prefix="link-router-", suffix=".log")
+        log = Path(name)
+        os.close(fd)
+        # kept open while the client lives: a restart launches with it again
+        kwargs["stderr"] = log.open("a")
+        km.start_kernel(**kwargs)
+    else:
+        km.start_kernel(**kwargs)
     kc = km.client()
     kc.start_channels()
     try:
@@ -214,8 +253,11 @@ def start_client(kernel_name: str, *, cwd: str | None = None, env: dict | None =
     except Exception:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+        if "stderr" in kwargs:
+            kwargs["stderr"].close()
         raise
-    client = LinkClient(km, kc)
+    client = LinkClient(km, kc, log)
+    client.log_file = kwargs.get("stderr")
     client.drain_iopub()
     return client
 

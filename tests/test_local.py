@@ -274,6 +274,7 @@ def test_sigusr1_dumps_the_routers_threads_and_tasks(tmp_path):
         text = log.read_text()
         assert "[link] threads:" in text and "Current thread" in text
         assert "[link] asyncio tasks:" in text and "[link] end of dump" in text
+        assert re.search(r"local\.py:\d+ in _watch_process\n.*tasks\.py:\d+ in sleep", text)  # the await chain
         reply = kc.execute_interactive("1 + 1", timeout=30)
         assert reply["content"]["status"] == "ok"
     finally:
