@@ -45,6 +45,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import time
 import types
 
@@ -171,7 +172,6 @@ def _process_bound_types() -> tuple:
     """
     import io
     import socket
-    import threading
 
     kinds = [
         type(threading.Lock()),
@@ -470,8 +470,6 @@ class _Preload:
     """One blob a standby copies ahead of the cell (see :func:`preload`)."""
 
     def __init__(self) -> None:
-        import threading
-
         self.done = threading.Event()
         self.started = False  # the copy is under way: a taker waits for it
         self.wanted = True  # False: taken before it started, or dropped; not copied
@@ -502,8 +500,6 @@ def preload(store: str, ids: list, budget: int) -> int:
     is unpickled until a cell asks for it, but the data libraries the values
     need are imported (numpy: ~0.1 s), as the cell would.
     """
-    import threading
-
     store = os.path.expanduser(store)
     sizes = {}
     for blob_id in ids:
@@ -598,8 +594,6 @@ def _drop_preloaded() -> None:
     _PRELOADED.clear()
     if not slots:
         return
-    import threading
-
     with _PRELOAD_LOCK:
         for slot in slots:
             slot.wanted = False
@@ -1024,6 +1018,8 @@ def flush_open_files() -> None:
             pass
 
 
+#: Held while the exit is prepared; True once it is.
+_EXIT_LOCK = threading.Lock()
 _EXIT_PREPARED = False
 
 
@@ -1031,23 +1027,26 @@ def prepare_exit() -> None:
     """Run the atexit hooks and flush open files and stdio, once.
 
     Run when the kernel's last cell is over and its shutdown is on the way,
-    so that the shutdown only has to end the process.
+    so that the shutdown only has to end the process. A shutdown request that
+    arrives (on ipykernel's control thread) while the hooks still run waits
+    for them: a hook that saves a model takes what time it takes.
     """
     global _EXIT_PREPARED
     import atexit
 
-    if _EXIT_PREPARED:
-        return
-    _EXIT_PREPARED = True
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        flush_open_files()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+    with _EXIT_LOCK:
+        if _EXIT_PREPARED:
+            return
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            _EXIT_PREPARED = True
+            flush_open_files()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
 
 
 def exit_now(status: int) -> None:

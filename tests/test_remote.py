@@ -85,6 +85,17 @@ def test_the_reply_is_the_kernels_and_exit_hooks_run_before_it(link_remote, remo
     assert hook.read_text() == "done"
 
 
+def test_a_slow_exit_hook_finishes_before_the_kernel_ends(link_remote, remote, tmp_path):
+    """The router's shutdown request reaches the kernel (on its control thread) a few
+    ms after the cell, while the exit hooks the wrapper started may still run: it
+    waits for them instead of ending the process halfway through one."""
+    saved = tmp_path / "model.txt"
+    hook = f"lambda: (__import__('time').sleep(1.0), open({str(saved)!r}, 'w').write('saved'))"
+    result = link_remote.run(f"# link: {remote}\nimport atexit\natexit.register({hook})\n1")
+    assert result.status == "ok", result.text
+    assert saved.read_text() == "saved"
+
+
 def test_exit_hooks_run_early_leave_the_iopub_thread_running(link_remote, remote):
     """A released kernel runs its atexit hooks just after queueing link_result on
     ipykernel's IOPub thread. ipykernel registers that thread's stop as an atexit
