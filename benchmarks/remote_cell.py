@@ -6,10 +6,9 @@ One run, one sshd on 127.0.0.1 (started here), one SSH connection per side:
 
 - **baseline**: a plain ipykernel started on the host through an SSH
   connection (pty session, ports tunnelled), measured for its cold start
-  (spawn until kernel_info answers) and its ``1+1`` round trip (reply + idle);
-  the round trip is timed as Link's cells are, with the same client and the
-  same pause between cells (back to back it is a little faster; that figure
-  and its ratio are printed too);
+  (spawn until kernel_info answers, the median of five kernels) and its
+  ``1+1`` round trip (reply + idle), timed as Link's cells are: the same
+  client, the same pause between cells (back to back it is printed too);
 - **Link, warm standby**: ``# link: bench\\n1+1`` through the Link kernel, with
   the next cell's kernel already booted (goal: at most 3x the round trip);
 - **Link, no standby**: the same cell on a host with standby off, against the
@@ -18,8 +17,8 @@ One run, one sshd on 127.0.0.1 (started here), one SSH connection per side:
   against it reading none (goal: under 20 ms more).
 
 Both sides are timed by one jupyter_client blocking client without schema
-validation (``harness.lean_cell``). Each Link cell's reply carries its time breakdown (connect, start, ready,
-run, release, ...), printed as medians.
+validation (``harness.lean_cell``). Each Link cell's reply carries its time
+breakdown (connect, start, ready, run, release, ...), printed as medians.
 """
 
 from __future__ import annotations
@@ -36,12 +35,14 @@ from collections import defaultdict
 from harness import isolated_jupyter, lean_cell, link_client, median_ms, register, ssh_host, sshd
 
 
-async def plain_kernel(server, base, rounds: int, settle: float) -> tuple[float, float, float]:
+async def plain_kernel(server, base, rounds: int, settle: float, starts: int) -> tuple[float, float, float]:
     """A plain ipykernel over SSH: (cold start, paced round trip, back-to-back round trip).
 
-    The cold start runs from spawn until kernel_info answers. The round trips are
-    ``1+1`` (reply and idle) through a jupyter_client client, timed like the Link
-    cells: ``rounds`` of them ``settle`` seconds apart, then 100 back to back.
+    The cold start runs from spawn until kernel_info answers: the median of
+    ``starts`` kernels started one after another. The round trips, on the last
+    of them, are ``1+1`` (reply and idle) through a jupyter_client client,
+    timed like the Link cells: ``rounds`` of them ``settle`` seconds apart,
+    then 100 back to back.
     """
     from jupyter_client.blocking.client import BlockingKernelClient
 
@@ -51,29 +52,45 @@ async def plain_kernel(server, base, rounds: int, settle: float) -> tuple[float,
     transport = SSHTransport(host, str(base / "baseline-work"))
     await transport.connect()
     await transport.prepare()
-    key = secrets.token_hex(32)
     conn_file = transport.path(".link", "plain.json")
-    info = {"ip": "127.0.0.1", "transport": "tcp", "key": key, "signature_scheme": "hmac-sha256",
-            "shell_port": 0, "iopub_port": 0, "stdin_port": 0, "control_port": 0, "hb_port": 0}
-    await transport.put(conn_file, json.dumps(info).encode())
-    start = time.perf_counter()
-    command = await asyncio.to_thread(
-        transport.connection.spawn,
-        ["exec", sys.executable, "-m", "ipykernel_launcher", "-f", conn_file],
-        pty=True,
-    )
     sftp = transport.connection.sftp()
-    while True:
-        written = json.loads(await asyncio.to_thread(transport.connection.get_file, conn_file))
-        if all(written[k] for k in info if k.endswith("_port")):
-            break
-        await asyncio.sleep(0.005)
-    local = {k: (await transport.reach(written[k]))[1] for k in info if k.endswith("_port")}
-    kc = BlockingKernelClient()
-    kc.load_connection_info({**info, **local})
-    kc.start_channels()
-    await asyncio.to_thread(kc.wait_for_ready, 60)
-    cold = time.perf_counter() - start
+
+    async def start() -> tuple[BlockingKernelClient, object, float]:
+        info = {"ip": "127.0.0.1", "transport": "tcp", "key": secrets.token_hex(32),
+                "signature_scheme": "hmac-sha256", "shell_port": 0, "iopub_port": 0,
+                "stdin_port": 0, "control_port": 0, "hb_port": 0}
+        await transport.put(conn_file, json.dumps(info).encode())
+        started = time.perf_counter()
+        command = await asyncio.to_thread(
+            transport.connection.spawn,
+            ["exec", sys.executable, "-m", "ipykernel_launcher", "-f", conn_file],
+            pty=True,
+        )
+        while True:
+            written = json.loads(await asyncio.to_thread(transport.connection.get_file, conn_file))
+            if all(written[k] for k in info if k.endswith("_port")):
+                break
+            await asyncio.sleep(0.005)
+        local = {k: (await transport.reach(written[k]))[1] for k in info if k.endswith("_port")}
+        kc = BlockingKernelClient()
+        kc.load_connection_info({**info, **local})
+        kc.start_channels()
+        await asyncio.to_thread(kc.wait_for_ready, 60)
+        return kc, command, time.perf_counter() - started
+
+    async def stop(kc, command) -> None:
+        kc.shutdown()
+        await asyncio.to_thread(command.wait, 10)
+        kc.stop_channels()
+        command.close()
+
+    colds = []
+    for _ in range(starts - 1):
+        kc, command, cold = await start()
+        colds.append(cold)
+        await stop(kc, command)
+    kc, command, cold = await start()
+    colds.append(cold)
 
     def round_trips() -> tuple[list[float], list[float]]:
         for _ in range(10):
@@ -85,13 +102,10 @@ async def plain_kernel(server, base, rounds: int, settle: float) -> tuple[float,
         return paced, [lean_cell(kc, "1+1")[0] for _ in range(100)]
 
     paced, back_to_back = await asyncio.to_thread(round_trips)
-    kc.shutdown()
-    await asyncio.to_thread(command.wait, 10)
-    kc.stop_channels()
-    command.close()
+    await stop(kc, command)
     sftp.remove(conn_file)
     await transport.close()
-    return cold, statistics.median(paced), statistics.median(back_to_back)
+    return statistics.median(colds), statistics.median(paced), statistics.median(back_to_back)
 
 
 def link_cells(client, code: str, n: int, settle: float) -> tuple[list[float], dict[str, list[float]]]:
@@ -110,6 +124,8 @@ def show_phases(phases: dict[str, list[float]]) -> str:
     return ", ".join(f"{k} {median_ms(v):.1f}" for k, v in phases.items() if k != "standby")
 
 
+#: Plain kernels started for the baseline's cold start (their median).
+COLD_STARTS = 5
 #: Seconds between measured cells, on both sides: a warm standby boots in this pause.
 SETTLE = 1.5
 
@@ -120,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with isolated_jupyter() as base, sshd() as server:
-        cold_start, rtt, rtt_b2b = asyncio.run(plain_kernel(server, base, args.n, SETTLE))
+        cold_start, rtt, rtt_b2b = asyncio.run(plain_kernel(server, base, args.n, SETTLE, COLD_STARTS))
         register(
             ssh_host("bench", server, base, standby=True),
             ssh_host("bench-cold", server, base, standby=False),
@@ -137,7 +153,8 @@ def main() -> None:
         finally:
             client.shutdown()
 
-    print(f"plain ipykernel over the same SSH link: cold start {cold_start * 1000:.0f} ms, "
+    print(f"plain ipykernel over the same SSH link: cold start {cold_start * 1000:.0f} ms "
+          f"(median of {COLD_STARTS}), "
           f"1+1 round trip {rtt * 1000:.2f} ms ({args.n} cells {SETTLE} s apart, like Link's), "
           f"{rtt_b2b * 1000:.2f} ms back to back")
     print(f"Link, warm standby:  {median_ms(warm):7.1f} ms  [{show_phases(warm_phases)}]")

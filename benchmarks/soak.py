@@ -30,8 +30,11 @@ def router_state(pid: int) -> dict[str, int]:
     }
 
 
-def host_kernels() -> int:
-    """Link supervisors and kernels alive on this machine (the hosts are local)."""
+def host_kernels(base: Path) -> int:
+    """This run's Link supervisors and kernels alive on this machine (the hosts are
+    local): those whose command line names a path under ``base``, the run's own
+    directory, so a test suite or another run beside it is not counted."""
+    mine = str(base).encode()
     count = 0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -40,7 +43,8 @@ def host_kernels() -> int:
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if state != "Z" and (b"become_subreaper" in cmdline or b"__link_agent__" in cmdline):
+            link = b"become_subreaper" in cmdline or b"__link_agent__" in cmdline
+            if state != "Z" and link and mine in cmdline:
                 count += 1
     return count
 
@@ -73,7 +77,7 @@ def main() -> None:
             time.sleep(1)
             before = router_state(client.pid)
 
-            host_before = host_kernels()
+            host_before = host_kernels(base)
             started = time.monotonic()
             samples = []
             for i in range(args.n):
@@ -88,7 +92,7 @@ def main() -> None:
             time.sleep(1)
             after = router_state(client.pid)
 
-            host_after = host_kernels()
+            host_after = host_kernels(base)
         finally:
             client.shutdown()
     print(f"{args.n} cells (local, process, ssh in turn) in {elapsed:.1f} s; "
