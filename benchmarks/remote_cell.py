@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import statistics
@@ -67,8 +68,11 @@ async def plain_kernel(server, base, rounds: int, settle: float, starts: int) ->
             pty=True,
         )
         while True:
-            written = json.loads(await asyncio.to_thread(transport.connection.get_file, conn_file))
-            if all(written[k] for k in info if k.endswith("_port")):
+            try:  # the kernel rewrites the file with its ports: it may be missing a moment
+                written = json.loads(await asyncio.to_thread(transport.connection.get_file, conn_file))
+            except (FileNotFoundError, ValueError):
+                written = {}
+            if all(written.get(k) for k in info if k.endswith("_port")):
                 break
             await asyncio.sleep(0.005)
         local = {k: (await transport.reach(written[k]))[1] for k in info if k.endswith("_port")}
@@ -103,7 +107,8 @@ async def plain_kernel(server, base, rounds: int, settle: float, starts: int) ->
 
     paced, back_to_back = await asyncio.to_thread(round_trips)
     await stop(kc, command)
-    sftp.remove(conn_file)
+    with contextlib.suppress(FileNotFoundError):  # the kernel may have removed it
+        sftp.remove(conn_file)
     await transport.close()
     return statistics.median(colds), statistics.median(paced), statistics.median(back_to_back)
 
