@@ -921,6 +921,28 @@ def install(shell, wrap: bool = True) -> None:
     if wrap and handlers is not None and "execute_request" in handlers:
         handlers["execute_request"] = _wrap_execute(shell, kernel, handlers["execute_request"])
         _lean_exit(shell, kernel)
+    elif handlers is not None:
+        handlers[RECORD_REQUEST] = _record_handler(shell, kernel)
+
+
+#: The router's request to the local kernel to record a cell that ran elsewhere.
+RECORD_REQUEST = "link_record_request"
+
+
+def _record_handler(shell, kernel):
+    """Serve ``link_record_request`` ({"code": ...}): :func:`record`, and a reply
+    with the count the cell got. A silent execute_request did the same through
+    IPython's whole cell machinery, ten times the CPU, while the remote cell
+    it records runs on the same machine's cores."""
+
+    async def link_record_request(stream, ident, parent):
+        try:
+            content = {"status": "ok", "execution_count": record(shell, parent["content"]["code"])}
+        except Exception as exc:
+            content = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
+        kernel.session.send(stream, "link_record_reply", content, parent, ident=ident)
+
+    return link_record_request
 
 
 def _lean_exit(shell, kernel) -> None:

@@ -44,6 +44,20 @@ def test_outputs_arrive_in_order(link_remote, remote):
     assert [m["content"]["code"] for m in result.inputs] == [code]
 
 
+def test_a_remote_cell_is_in_the_local_history_under_its_count(link_remote, remote):
+    """The local kernel records each remote cell (one light request while it runs)."""
+    plain = link_remote.run(f"# link: {remote}\n6 * 7")  # nothing to export: recorded alongside
+    link_remote.run("local_value = 41")
+    reads = link_remote.run(f"# link: {remote}\nlocal_value + 1")  # recorded with the export
+    history = link_remote.request("history", hist_access_type="tail", n=3, raw=True, output=False)
+    entries = [(entry[1], entry[2]) for entry in history["content"]["history"]]
+    assert reads.result == "42"
+    assert entries[0::2] == [
+        (plain.content["execution_count"], f"# link: {remote}\n6 * 7"),
+        (reads.content["execution_count"], f"# link: {remote}\nlocal_value + 1"),
+    ]
+
+
 def test_execution_count_and_traceback_match_the_cell(link_remote, remote):
     before = link_remote.run("1").content["execution_count"]
     result = link_remote.run(f"# link: {remote}\nx = 1\n1 / 0")

@@ -298,10 +298,12 @@ class LocalBackend(Backend):
         return out
 
     async def record(self, code: str) -> None:
-        """Put a cell the router handled into the local kernel's history."""
-        await self.call(
-            f"__import__('sys').modules['__link_agent__'].record(get_ipython(), {code!r})"
-        )
+        """Put a cell the router handled into the local kernel's history (the agent's
+        ``link_record_request``: no IPython cell machinery for it)."""
+        reply = await self._conn().request("link_record_request", {"code": code})
+        content = reply["content"]
+        if content.get("status") != "ok":
+            raise RuntimeError(f"{content.get('ename')}: {content.get('evalue')}")
 
     def _conn(self) -> KernelConnection:
         if self.conn is None or self.conn.closed:

@@ -152,8 +152,8 @@ class VariableSync:
         agent = "__import__('sys').modules['__link_agent__']"
         recording = f"{agent}.record(get_ipython(), {record!r})\n" if record is not None else ""
         if not plan.reads and not plan.placeholders:
-            if recording:
-                await self.local.call(recording)
+            if record is not None:
+                await self.local.record(record)
             return Inputs()
         self.store.mkdir(parents=True, exist_ok=True, mode=0o700)
         started = time.perf_counter()
