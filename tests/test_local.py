@@ -18,7 +18,10 @@ def test_cell_outputs_are_relayed_with_one_status_pair(link):
     result = link.run("print('out')\nimport sys; print('err', file=sys.stderr)\n6*7")
     assert result.status == "ok"
     assert result.statuses == ["busy", "idle"]
-    assert [m["msg_type"] for m in result.outputs] == ["stream", "stream", "execute_result"]
+    # ipykernel may split a print into two stream messages when its flush timer fires
+    # between the writes (a loaded machine): count the streams' text, not their messages
+    types = [m["msg_type"] for m in result.outputs]
+    assert types[-1] == "execute_result" and set(types[:-1]) == {"stream"}
     assert (result.stdout, result.stderr, result.result) == ("out\n", "err\n", "42")
 
 
