@@ -348,9 +348,6 @@ def too_big(root: str, ignore: Ignore, max_files: int, max_bytes: int) -> str:
     return ""
 
 
-#: FileSync._push takes the journal's paths itself.
-_UNTAKEN = object()
-
 #: How long a barrier waits when it cannot chmod the root to make its own event.
 _UNPOKED_WAIT = 0.01
 
@@ -368,6 +365,7 @@ class Journal:
     Before answering, :meth:`take` waits until the observer has seen every event
     that happened before the call (it chmods the root to its own mode and waits
     for that event), so a file written just before a sync is never missed.
+    It is awaited on the event loop: no thread blocks on the barrier.
     """
 
     #: A consumer with more pending paths than this does a full comparison instead.
@@ -379,7 +377,7 @@ class Journal:
         self.root = os.path.abspath(root)
         self.ignore = ignore
         self._prefix = self.root.rstrip(os.sep) + os.sep
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._pending: dict[str, set[str] | None] = {}
         self._barriers = 0
         self._wakers: list[Callable[[], None]] = []  # event loops awaiting a barrier
@@ -436,32 +434,27 @@ class Journal:
             and all(emitter.is_alive() for emitter in observer.emitters)
         )
 
-    def take(self, consumer: str = "") -> set[str] | None:
+    async def take(self, consumer: str = "") -> set[str] | None:
         """The paths changed since ``consumer``'s last take, or None: compare everything.
 
-        Blocks for as long as the observer needs to catch up (about a millisecond;
-        at most :attr:`barrier_timeout`). Call it from a worker thread, or await
-        :meth:`take_soon` on the event loop.
+        Awaits, on the event loop, the observer catching up (about a millisecond;
+        at most :attr:`barrier_timeout`); the observer's thread wakes it. It ends
+        early when ``consumer`` is invalidated (after an overflow, the kernel may
+        have dropped the barrier's own event).
         """
-        if not self._enrolled(consumer):
-            return None
-        return self._taken(consumer, self._barrier(consumer))
-
-    async def take_soon(self, consumer: str = "") -> set[str] | None:
-        """:meth:`take` for the event loop: the barrier is awaited, no thread waits.
-
-        A cell that touched no file then costs the chmod and the observer's own
-        threads, not a worker thread's round trip as well.
-        """
-        if not self._enrolled(consumer):
+        with self._lock:
+            first = consumer not in self._pending
+            if first:
+                self._pending[consumer] = set()
+        if first or not self.alive:
             return None
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
-        def wake() -> None:  # on the observer's thread, under the condition
+        def wake() -> None:  # on the observer's thread, under the lock
             loop.call_soon_threadsafe(woken.set)
 
-        with self._cond:
+        with self._lock:
             seen = self._barriers
             self._wakers.append(wake)
         try:
@@ -479,42 +472,19 @@ class Journal:
                         await asyncio.wait_for(woken.wait(), remaining)
                 caught_up = self._caught_up(consumer, seen)
         finally:
-            with self._cond:
+            with self._lock:
                 self._wakers.remove(wake)
-        return self._taken(consumer, caught_up)
-
-    def _enrolled(self, consumer: str) -> bool:
-        """Whether ``consumer`` had taken before (else it starts now) and the observer runs."""
-        with self._cond:
-            first = consumer not in self._pending
-            if first:
-                self._pending[consumer] = set()
-        return not first and self.alive
-
-    def _taken(self, consumer: str, caught_up: bool) -> set[str] | None:
-        with self._cond:
+        with self._lock:
             paths, self._pending[consumer] = self._pending[consumer], set()
         return paths if caught_up else None
 
     def invalidate(self, consumer: str | None = None) -> None:
         """Make the next :meth:`take` of ``consumer`` (of every consumer if None) return None."""
-        with self._cond:
+        with self._lock:
             for key in self._pending:
                 if consumer is None or key == consumer:
                     self._pending[key] = None
             self._wake()
-
-    def _barrier(self, consumer: str) -> bool:
-        """Wait until the observer has seen what happened before now. False if it did
-        not in time. Ends early when ``consumer`` is invalidated (after an overflow,
-        the kernel may have dropped the barrier's own event)."""
-        with self._cond:
-            seen = self._barriers
-        if not self._poke():
-            time.sleep(_UNPOKED_WAIT)
-            return True
-        with self._cond:
-            return self._cond.wait_for(lambda: self._caught_up(consumer, seen), self.barrier_timeout)
 
     def _poke(self) -> bool:
         """Make an event the observer will see after every earlier one: chmod the root
@@ -530,8 +500,7 @@ class Journal:
         return self._barriers > seen or self._pending.get(consumer, ()) is None
 
     def _wake(self) -> None:
-        """Under the condition: wake every waiter, threads and event loops."""
-        self._cond.notify_all()
+        """Under the lock: wake every event loop awaiting a barrier."""
         for wake in self._wakers:
             wake()
 
@@ -540,7 +509,7 @@ class Journal:
         src = os.fsdecode(event.src_path)
         if event.is_directory and event.event_type in ("attrib", "modified"):
             if src.rstrip(os.sep) == self.root:
-                with self._cond:
+                with self._lock:
                     self._barriers += 1
                     self._wake()
             return
@@ -557,7 +526,7 @@ class Journal:
             elif not self.ignore.matches(rel, event.is_directory):
                 paths.append(rel)
         if paths:
-            with self._cond:
+            with self._lock:
                 for key, pending in self._pending.items():
                     if pending is not None:
                         pending.update(paths)
@@ -1150,13 +1119,22 @@ class FileSync:
         host is taken to be as the base says, except that a file the base does not
         know is never overwritten on the host.
         """
-        changed: set[str] | None | object = _UNTAKEN
-        if self.journal is not None:
-            changed = await self.journal.take_soon(self.host)
-            if changed == set() and remote_now is None and self._quiet(remote_root):
-                return SyncReport(host=self.host)  # nothing changed here: no worker needed
-        body = functools.partial(self._push, changed=changed)
-        return (await self._operate(fs, remote_root, body, remote_now)).report
+        changed = await self._take()
+        if changed == set() and remote_now is None and self._quiet(remote_root):
+            return SyncReport(host=self.host)  # nothing changed here: no worker needed
+        return (await self._push_taken(fs, remote_root, remote_now, changed)).report
+
+    async def _take(self) -> set[str] | None:
+        """The journal's changed paths for this host; None: compare everything."""
+        return await self.journal.take(self.host) if self.journal is not None else None
+
+    async def _push_taken(self, fs: Any, remote_root: str, remote_now: Any, changed: set[str] | None) -> _Run:
+        try:
+            return await self._operate(fs, remote_root, functools.partial(self._push, changed=changed), remote_now)
+        except BaseException:
+            if self.journal is not None:  # the paths taken may not all have been pushed
+                self.journal.invalidate(self.host)
+            raise
 
     def _quiet(self, remote_root: str) -> bool:
         """Whether a push that the journal says has no changed path has nothing to do."""
@@ -1179,7 +1157,7 @@ class FileSync:
 
     async def sync(self, fs: Any, remote_root: str, remote_now: dict[str, Sig] | None) -> SyncReport:
         """Push, then pull (``%link sync``). With ``remote_now=None`` only push."""
-        pushed = await self._operate(fs, remote_root, self._push, remote_now)
+        pushed = await self._push_taken(fs, remote_root, remote_now, await self._take())
         if pushed.remote_view is None:
             return pushed.report
         pulled = await self._operate(fs, remote_root, self._pull, pushed.remote_view)
@@ -1219,11 +1197,9 @@ class FileSync:
                 run.finish()
             self._save(base)
 
-    def _push(self, run: _Run, remote_now: dict[str, Sig] | None, changed: Any = _UNTAKEN) -> None:
-        """``changed``: the journal's paths if taken already (else it is taken here)."""
+    def _push(self, run: _Run, remote_now: dict[str, Sig] | None, changed: set[str] | None) -> None:
+        """``changed``: the journal's paths (None: compare everything)."""
         base = run.base
-        if changed is _UNTAKEN:
-            changed = self.journal.take(self.host) if self.journal is not None else None
         pending, self._pending = self._pending, set()
         try:
             full = changed is None or not base.complete
@@ -1258,9 +1234,7 @@ class FileSync:
             if full and not base.complete:
                 base.complete = base.dirty = True
         except BaseException:
-            self._pending |= pending
-            if self.journal is not None:
-                self.journal.invalidate(self.host)
+            self._pending |= pending  # and the journal is invalidated (_push_taken)
             raise
 
     def _pull(self, run: _Run, remote_now: dict[str, Sig]) -> None:
