@@ -412,7 +412,7 @@ class RemoteBackend(Backend):
                 request.recorded = request.record
             else:  # nothing to export: record the cell while the cell runs
                 inputs = Inputs()
-                self._recording = asyncio.ensure_future(self.sync.export(plan, "", record))
+                self._recording = asyncio.ensure_future(self.sync.local.record(record))
             await self._push(inputs)
             timings["inputs"] = time.perf_counter() - t0
             if request.route.files and self.journal is not None:
