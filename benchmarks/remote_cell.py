@@ -89,12 +89,11 @@ async def plain_kernel(server, base, rounds: int, settle: float, starts: int) ->
         command.close()
 
     colds = []
-    for _ in range(starts - 1):
+    for _ in range(starts):
         kc, command, cold = await start()
         colds.append(cold)
-        await stop(kc, command)
-    kc, command, cold = await start()
-    colds.append(cold)
+        if len(colds) < starts:
+            await stop(kc, command)
 
     def round_trips() -> tuple[list[float], list[float]]:
         for _ in range(10):
@@ -105,8 +104,10 @@ async def plain_kernel(server, base, rounds: int, settle: float, starts: int) ->
             paced.append(lean_cell(kc, "1+1")[0])
         return paced, [lean_cell(kc, "1+1")[0] for _ in range(100)]
 
-    paced, back_to_back = await asyncio.to_thread(round_trips)
-    await stop(kc, command)
+    try:
+        paced, back_to_back = await asyncio.to_thread(round_trips)
+    finally:
+        await stop(kc, command)
     with contextlib.suppress(FileNotFoundError):  # the kernel may have removed it
         sftp.remove(conn_file)
     await transport.close()

@@ -96,12 +96,12 @@ class Result:
 class LinkClient:
     """A kernel started through its kernelspec, with a blocking client."""
 
-    def __init__(self, km: KernelManager, kc: BlockingKernelClient, log: Path | None = None) -> None:
+    def __init__(self, km: KernelManager, kc: BlockingKernelClient, log_file: Any = None) -> None:
         self.km = km
         self.kc = kc
         #: The kernel's stderr, where a Link router writes its log and its state dumps.
-        self.log = log
-        self.log_file: Any = None
+        self.log_file = log_file
+        self.log = Path(log_file.name) if log_file is not None else None
 
     @property
     def pid(self) -> int:
@@ -220,13 +220,19 @@ class LinkClient:
         self.kc.stop_channels()
         if self.km.has_kernel:
             self.km.shutdown_kernel(now=False)
-        if self.log_file is not None:
-            self.log_file.close()
-        if self.log is not None:
-            text = self.log.read_text(errors="replace")
-            if "Traceback" in text or "ERROR" in text:  # shown if the test fails
-                print(f"--- the router's stderr ---\n{text[-30_000:]}")
-            self.log.unlink(missing_ok=True)
+        self.close_log()
+
+    def close_log(self) -> None:
+        """Close and remove the router's log, printing it first if it shows an error
+        (the print is shown only if the test fails). Idempotent."""
+        if self.log is None:
+            return
+        self.log_file.close()
+        text = self.log.read_text(errors="replace")
+        if "Traceback" in text or "ERROR" in text:
+            print(f"--- the router's stderr ---\n{text[-30_000:]}")
+        self.log.unlink(missing_ok=True)
+        self.log = None
 
 
 def start_client(kernel_name: str, *, cwd: str | None = None, env: dict | None = None) -> LinkClient:
@@ -237,27 +243,25 @@ def start_client(kernel_name: str, *, cwd: str | None = None, env: dict | None =
     if env is not None:
         kwargs["env"] = {**os.environ, **env}
     log = None
-    if kernel_name == "link":
-        fd, name = tempfile.mkstemp(prefix="link-router-", suffix=".log")
-        log = Path(name)
-        os.close(fd)
-        # kept open while the client lives: a restart launches with it again
-        kwargs["stderr"] = log.open("a")
-        km.start_kernel(**kwargs)
-    else:
-        km.start_kernel(**kwargs)
-    kc = km.client()
-    kc.start_channels()
+    if kernel_name == "link":  # the router's stderr, open while the client lives (a restart reuses it)
+        log = tempfile.NamedTemporaryFile("a", prefix="link-router-", suffix=".log", delete=False)
+        kwargs["stderr"] = log
     try:
-        kc.wait_for_ready(timeout=60)
-    except Exception:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-        if "stderr" in kwargs:
-            kwargs["stderr"].close()
+        km.start_kernel(**kwargs)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+        except Exception:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+            raise
+    except BaseException:
+        if log is not None:
+            log.close()
+            os.unlink(log.name)
         raise
     client = LinkClient(km, kc, log)
-    client.log_file = kwargs.get("stderr")
     client.drain_iopub()
     return client
 

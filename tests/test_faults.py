@@ -197,6 +197,7 @@ def test_a_sigkilled_router_leaves_nothing_behind(sshd, tmp_path):
     finally:
         client.kc.stop_channels()
         client.km.cleanup_resources()
+        client.close_log()
 
 
 def _last_arg(pid: int) -> str:

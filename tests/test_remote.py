@@ -226,6 +226,7 @@ def test_a_sigkilled_router_leaves_no_remote_kernel(remote, tmp_path):
     finally:
         client.kc.stop_channels()
         client.km.cleanup_resources()
+        client.close_log()
 
 
 def test_fallback_names_the_target_and_the_reason(link_remote, remote):
