@@ -1,0 +1,48 @@
+"""The supervisor's session: a bootstrap supervisor running in a pty session on the host.
+
+Owns ``SSHSupervisor``, the :class:`~link_kernel.transports.Supervisor` whose output comes from a
+``RemoteCommand`` and whose stdin is that command's. Parsing the supervisor's lines is the base
+class's; starting the command is :mod:`.transport`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ...errors import LinkError
+from .. import Supervisor
+from .command import RemoteCommand
+
+
+class SSHSupervisor(Supervisor):
+    """A bootstrap supervisor running in a pty session on the host."""
+
+    def __init__(self, host: str, loop) -> None:
+        super().__init__(host, loop)
+        self.command: RemoteCommand | None = None
+
+    def on_output(self, data: bytes) -> None:
+        if data:
+            self.feed(data)
+        else:
+            status = self.command.exit_status if self.command is not None else None
+            self.feed_eof(status)
+
+    def write(self, data: bytes) -> None:
+        command = self.command
+        if command is None:
+            return
+        try:
+            command.write(data)
+        except LinkError:
+            pass
+
+    async def close(self) -> None:
+        command = self.command
+        if command is None:
+            return
+        command.close()
+        try:
+            await asyncio.to_thread(command.wait, 10.0)
+        except LinkError:
+            pass
