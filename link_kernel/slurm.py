@@ -14,7 +14,10 @@ allocation) and the job ends with the kernel. While the job waits, srun says
 a waiting cell is interrupted or a cell is done.
 
 The argv builders and parsers here are pure; :class:`SlurmJob` runs its
-commands on the login node through the host's transport.
+commands on the login node through the host's transport. Slurm is a launcher
+that a transport uses: this module imports nothing of ``link_kernel.transports``
+and sees a transport only as a :class:`CommandRunner`; the queue state (srun's
+``QUEUED`` line, squeue's answer) is parsed here and only here.
 """
 
 from __future__ import annotations
@@ -25,16 +28,22 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import LinkError, RemoteEnvironmentError
 from .hosts import HostConfig
 from .routing import RESOURCE_OPTIONS
 
-if TYPE_CHECKING:
-    from .transports import Transport
-
 log = logging.getLogger(__name__)
+
+
+class CommandRunner(Protocol):
+    """What Slurm needs of a host's transport: its alias and a command run on it."""
+
+    alias: str
+
+    async def run(self, argv: list[str], timeout: float = 30.0) -> tuple[int, bytes, bytes]: ...
+
 
 #: What srun prints on stderr when the job must wait.
 QUEUED = re.compile(r"srun: job (\d+) queued and waiting for resources")
@@ -106,7 +115,7 @@ class SlurmCommands:
     scancel: str
 
 
-async def find_commands(transport: Transport) -> SlurmCommands:
+async def find_commands(transport: CommandRunner) -> SlurmCommands:
     """Look the Slurm commands up once on the host's PATH."""
     script = 'for c in srun squeue scancel; do command -v "$c" || echo "?$c"; done'
     status, out, err = await transport.run(["sh", "-c", script], timeout=30)
@@ -136,7 +145,7 @@ class SlurmLaunch:
 class SlurmJob:
     """One kernel's job, named ``link-<kernel id>``; its id once Slurm tells it."""
 
-    def __init__(self, transport: Transport, commands: SlurmCommands, name: str,
+    def __init__(self, transport: CommandRunner, commands: SlurmCommands, name: str,
                  partition: str = "") -> None:
         self.transport = transport
         self.commands = commands
@@ -183,6 +192,7 @@ class SlurmJob:
 
 __all__ = [
     "QUEUED",
+    "CommandRunner",
     "QueueState",
     "SlurmCommands",
     "SlurmJob",
