@@ -10,6 +10,7 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     │   ├── UnknownTargetError        a target that is neither local nor a known host
     │   └── ResourceOptionError       gpus=/cpus=/mem=/time=/partition= for a target without Slurm
     ├── HostConfigError               the host registry or an ssh config entry is wrong
+    ├── KernelSpecSourceError         the package's kernelspec folder is missing or unreadable
     ├── TransportError                reaching a host failed
     │   ├── HostUnreachableError      no TCP connection, or it went silent
     │   ├── AuthenticationError       the host refused every key we have
@@ -83,6 +84,10 @@ class ResourceOptionError(RoutingError):
 
 class HostConfigError(LinkError):
     hint = "Check the host with 'link-kernel hosts list' and 'link-kernel hosts check ALIAS'."
+
+
+class KernelSpecSourceError(LinkError):
+    hint = "Reinstall link-kernel (from a checkout: keep its kernelspecs/ folder)."
 
 
 class TransportError(LinkError):
