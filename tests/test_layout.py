@@ -132,3 +132,13 @@ def test_pending_split_list_only_names_long_modules():
         assert path.exists(), f"{rel} is gone: remove it from PENDING_SPLIT"
         lines = len(path.read_text().splitlines())
         assert lines > MAX_LINES, f"{rel} has {lines} lines now: remove it from PENDING_SPLIT"
+
+
+def test_every_module_says_what_it_holds():
+    """A newcomer reads the docstring to know where a change goes."""
+    silent = [
+        path.relative_to(PACKAGE.parent).as_posix()
+        for path in module_files().values()
+        if not ast.get_docstring(ast.parse(path.read_text()))
+    ]
+    assert not silent, f"modules without a docstring: {silent}"
