@@ -38,6 +38,7 @@ import bisect
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -85,6 +86,16 @@ _CHUNK = 1024 * 1024
 _PROGRESS_EVERY = 0.2
 _CANCEL_WAIT = 10.0
 _STATE_VERSION = 1
+
+#: A file whose mtime is this close to the moment its state was recorded (or
+#: later) is *racy*: a write in the same timestamp granule would leave size and
+#: mtime as they were, so its content is checked by hash at the next sync. Two
+#: seconds cover file systems that keep whole seconds (ext3, HFS+, SFTP's utime)
+#: or two (FAT), and a writer whose clock is a little ahead.
+RACY_NS = 2 * 10**9
+
+#: The content hash recorded for each synced file (``hashlib`` name).
+HASH = "sha256"
 
 Sig = list  # a signature, see the module docstring
 
@@ -151,8 +162,36 @@ def scan_tree(root: "str", prune: "Iterable[str]" = ()) -> "dict[str, list]":  #
     return found
 
 
-#: The source of :func:`scan_tree`, for a host to ``exec``.
-SCAN_SOURCE: str = inspect.getsource(scan_tree)
+def hash_racy(root: "str", found: "dict[str, list]", paths: "Iterable[str]") -> "dict[str, list]":  # noqa: UP037
+    """Append the content hash (sha256) to the signatures of ``paths`` in ``found``.
+
+    ``found`` is a :func:`scan_tree` of ``root``; ``paths`` are the files the router
+    holds a racy state of (see :data:`RACY_NS`): their size and mtime alone cannot
+    tell a rewrite. What vanished or cannot be read keeps its plain signature.
+    Self-contained like :func:`scan_tree`: hosts run it from :data:`SCAN_SOURCE`.
+    """
+    import hashlib
+    import os
+
+    for rel in paths:
+        sig = found.get(rel)
+        if sig is None or sig[3] != "f" or len(sig) != 4:
+            continue
+        h = hashlib.sha256()
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                chunk = f.read(1 << 20)
+                while chunk:
+                    h.update(chunk)
+                    chunk = f.read(1 << 20)
+        except OSError:
+            continue
+        sig.append(h.hexdigest())
+    return found
+
+
+#: The source of :func:`scan_tree` and :func:`hash_racy`, for a host to ``exec``.
+SCAN_SOURCE: str = inspect.getsource(scan_tree) + "\n\n" + inspect.getsource(hash_racy)
 
 
 def conflict_name(relpath: str, host: str, taken: Callable[[str], bool] = lambda _: False) -> str:
@@ -348,10 +387,6 @@ def too_big(root: str, ignore: Ignore, max_files: int, max_bytes: int) -> str:
     return ""
 
 
-#: How long a barrier waits when it cannot chmod the root to make its own event.
-_UNPOKED_WAIT = 0.01
-
-
 class Journal:
     """The relative paths changed under the local root, kept by a watchdog observer.
 
@@ -459,8 +494,7 @@ class Journal:
             self._wakers.append(wake)
         try:
             if not self._poke():
-                await asyncio.sleep(_UNPOKED_WAIT)
-                caught_up = True
+                caught_up = False  # no barrier, so no proof that every event arrived
             else:
                 deadline = loop.time() + self.barrier_timeout
                 while not self._caught_up(consumer, seen):
@@ -489,7 +523,7 @@ class Journal:
     def _poke(self) -> bool:
         """Make an event the observer will see after every earlier one: chmod the root
         to its own mode. False if the root is not ours to chmod; then the caller
-        waits out the observer's usual latency (:data:`_UNPOKED_WAIT`) instead."""
+        compares everything (waiting out a guessed latency would miss events)."""
         try:
             os.chmod(self.root, stat.S_IMODE(os.stat(self.root).st_mode))
         except OSError:
@@ -649,13 +683,22 @@ def _same(a: Sig | None, b: Sig | None) -> bool:
     return a[3] == "l" == b[3] and a[4] == b[4]
 
 
-def _equivalent(a: Sig, b: Sig) -> bool:
-    """Whether files on two sides are taken to be equal: same size, same mtime to the second."""
-    if a[3] != b[3]:
-        return False
-    if a[3] == "l":
-        return a[4] == b[4]
-    return a[0] == b[0] and a[1] // 10**9 == b[1] // 10**9
+def _racy(sig: Sig, now_ns: int, window: int = RACY_NS) -> bool:
+    """Whether a file's recorded state could be left unchanged by a write after ``now_ns``."""
+    return sig[3] == "f" and sig[1] > now_ns - window
+
+
+#: The host's clock may lag this one: its racy window is taken twice as wide.
+_HOST_WINDOW = 2 * RACY_NS
+
+
+def _digest_file(path: str) -> str:
+    """The content hash of a local file (:data:`HASH`)."""
+    h = hashlib.new(HASH)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _lstat(path: str) -> Sig | str | None:
@@ -729,21 +772,31 @@ class _Interrupted(Exception):
 class _LocalFile:
     """A local file object handed to a copy: its OSErrors are local problems, and it counts."""
 
-    def __init__(self, f: BinaryIO, relpath: str) -> None:
+    def __init__(self, f: BinaryIO | None, relpath: str) -> None:
         self._f = f
         self._relpath = relpath
         self.count = 0
+        self._hash = hashlib.new(HASH)  # what went through: the base records it
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
 
     def read(self, n: int = -1) -> bytes:
         with _local_errors(self._relpath, "reading"):
             data = self._f.read(n)
         self.count += len(data)
+        self._hash.update(data)
         return data
 
     def write(self, data: bytes) -> int:
-        with _local_errors(self._relpath, "writing"):
-            written = self._f.write(data)
+        if self._f is None:  # only hashing
+            written = len(data)
+        else:
+            with _local_errors(self._relpath, "writing"):
+                written = self._f.write(data)
         self.count += len(data)
+        self._hash.update(data)
         return written
 
 
@@ -808,6 +861,16 @@ class _Host(abc.ABC):
     @abc.abstractmethod
     def lstat(self, relpath: str) -> Sig | str | None:
         """Like :func:`_lstat`, on the host."""
+
+    def digest(self, relpath: str) -> str:
+        """The content hash of the host's file (read through, nothing stored)."""
+        sink = _LocalFile(None, relpath)
+        self.read(relpath, sink, lambda n: None)
+        return sink.digest
+
+    def unchanged(self, recorded: Sig | None, there: Sig) -> bool:
+        """Whether :meth:`lstat`'s ``there`` is the state the base ``recorded``."""
+        return _same(recorded, there)
 
     def put_file(self, src: _LocalFile, relpath: str, sig: Sig, tick: Callable[[int], None]) -> Sig:
         """Copy a local file to ``relpath`` atomically; return its signature there."""
@@ -946,6 +1009,12 @@ class _SFTPHost(_Host):
             if not exists:
                 raise
 
+    def unchanged(self, recorded, there):
+        # SFTP v3 reports whole seconds; the host's own scan, nanoseconds
+        if recorded is None or recorded[3] != "f" or there[3] != "f":
+            return _same(recorded, there)
+        return recorded[0] == there[0] and recorded[2] == there[2] and recorded[1] // 10**9 == there[1] // 10**9
+
     def lstat(self, relpath):
         try:
             st = self.ftp.lstat(self.path(relpath))
@@ -981,23 +1050,49 @@ class _Base:
     remote: dict[str, Sig] = field(default_factory=dict)
     #: A full comparison was done against it (else a push compares everything).
     complete: bool = False
+    #: The content hash of each regular file as both sides had it.
+    hashes: dict[str, str] = field(default_factory=dict)
+    #: Paths whose local state was recorded within :data:`RACY_NS` of its mtime.
+    racy: set[str] = field(default_factory=set)
+    #: The same for the host's state (its scan hashes them, see :func:`hash_racy`).
+    remote_racy: set[str] = field(default_factory=set)
     dirty: bool = False
 
-    def set(self, path: str, local: Sig, remote: Sig) -> None:
+    def set(self, path: str, local: Sig, remote: Sig, digest: str | None = None) -> None:
+        """Record a synced path; ``digest``: its content hash (None: unknown, or a symlink)."""
         self.local[path] = local
         self.remote[path] = remote
+        if not digest:
+            self.hashes.pop(path, None)
+        else:
+            self.hashes[path] = digest
+        if _racy(remote, time.time_ns(), _HOST_WINDOW):
+            self.remote_racy.add(path)
+        else:
+            self.remote_racy.discard(path)
+        self.mark(path, local)
+
+    def mark(self, path: str, local: Sig) -> None:
+        """Note, now, whether ``path``'s recorded local state is racy."""
+        if _racy(local, time.time_ns()):
+            self.racy.add(path)
+        else:
+            self.racy.discard(path)
         self.dirty = True
 
     def drop(self, path: str) -> None:
         self.local.pop(path, None)
         self.remote.pop(path, None)
+        self.hashes.pop(path, None)
+        self.racy.discard(path)
+        self.remote_racy.discard(path)
         self.dirty = True
 
 
 @dataclass
 class _Plan:
     forget: list[str] = field(default_factory=list)
-    adopt: list[tuple[str, Sig, Sig]] = field(default_factory=list)
+    adopt: list[tuple[str, Sig, Sig, str | None]] = field(default_factory=list)  # (..., digest)
     keep: list[str] = field(default_factory=list)  # local change wins over a host deletion
     delete: list[tuple[str, Sig | None]] = field(default_factory=list)
     copy: list[tuple[str, Sig, Any]] = field(default_factory=list)  # (path, sig, extra)
@@ -1144,6 +1239,7 @@ class FileSync:
             and base.complete
             and base.remote_root == (remote_root.rstrip("/") or "/")
             and not self._pending
+            and not base.racy
             and not self._litter
             and not self._lock.locked()
         )
@@ -1206,14 +1302,14 @@ class FileSync:
             if full:
                 local_now, candidates = self._scan_all(run)
             else:
-                local_now, candidates = self._scan_some(run, changed | pending)
+                local_now, candidates = self._scan_some(run, changed | pending | base.racy)
             view = dict(remote_now) if remote_now is not None else None
             run.remote_view = view
             known = view if view is not None else base.remote
             plan = _Plan()
             for path in sorted(candidates):
                 lsig = local_now.get(path)
-                if _same(base.local.get(path), lsig):
+                if _same(base.local.get(path), lsig) and not self._changed_unseen(run, path, lsig):
                     continue
                 rsig = known.get(path)
                 theirs = view is not None and not _same(base.remote.get(path), rsig)
@@ -1223,8 +1319,9 @@ class FileSync:
                     elif not theirs:  # else the host's change comes back at the pull
                         plan.delete.append((path, None))
                 elif theirs and rsig is not None:
-                    if _equivalent(lsig, rsig):
-                        plan.adopt.append((path, lsig, rsig))
+                    digest = self._same_content(run, path, lsig, rsig)
+                    if digest is not None:
+                        plan.adopt.append((path, lsig, rsig, digest))
                     else:
                         plan.conflicts.append((path, lsig, rsig))
                 else:
@@ -1240,14 +1337,15 @@ class FileSync:
     def _pull(self, run: _Run, remote_now: dict[str, Sig]) -> None:
         base = run.base
         remote = base.remote
-        if remote_now == remote:  # nothing happened there (one C-level comparison)
+        remote_now, rewritten = self._unhash(run, remote_now)
+        if remote_now == remote and not rewritten:  # nothing happened there (one C-level comparison)
             return
-        changed = [path for path, sig in remote_now.items() if remote.get(path) != sig]
+        changed = [path for path, sig in remote_now.items() if remote.get(path) != sig or path in rewritten]
         changed += [path for path in remote if path not in remote_now]
         plan = _Plan()
         for path in sorted(changed):
             rsig = remote_now.get(path)
-            if _same(remote.get(path), rsig):  # a symlink: learn its signature there
+            if _same(remote.get(path), rsig) and path not in rewritten:  # a symlink: learn its signature there
                 remote[path] = rsig
                 base.dirty = True
                 continue
@@ -1260,7 +1358,7 @@ class FileSync:
                 else:
                     run.skip(path, self._blocked_reason(run, path, lsig), rsig)
                 continue
-            mine = not _same(base.local.get(path), lsig)
+            mine = not _same(base.local.get(path), lsig) or self._changed_unseen(run, path, lsig)
             if rsig is None:
                 if lsig is None:
                     plan.forget.append(path)
@@ -1270,8 +1368,8 @@ class FileSync:
                     plan.delete.append((path, lsig))
             elif lsig is None or not mine:
                 plan.copy.append((path, rsig, lsig))
-            elif _equivalent(lsig, rsig):
-                plan.adopt.append((path, lsig, rsig))
+            elif (digest := self._same_content(run, path, lsig, rsig)) is not None:
+                plan.adopt.append((path, lsig, rsig, digest))
             else:
                 plan.conflicts.append((path, lsig, rsig))
         self._apply_pull(run, plan, remote_now)
@@ -1377,6 +1475,78 @@ class FileSync:
             run.local_dirs[part] = ("dir", "")
         return None
 
+    # -- judging by content ----------------------------------------------------------
+
+    def racy_remote(self) -> list[str]:
+        """The host's files whose recorded state a write from now on could leave as
+        it is: the host's scan after the next cell hashes them (:func:`hash_racy`)."""
+        base = self._base
+        if base is None:
+            return []
+        now = time.time_ns()
+        return sorted(p for p in base.remote_racy if p in base.remote and _racy(base.remote[p], now, _HOST_WINDOW))
+
+    def _unhash(self, run: _Run, remote_now: dict[str, Sig]) -> tuple[dict[str, Sig], set[str]]:
+        """The host's scan without the hashes :func:`hash_racy` added, and the paths
+        whose content changed although size and mtime are as the base recorded."""
+        hashed = [path for path, sig in remote_now.items() if len(sig) == 5 and sig[3] == "f"]
+        if not hashed:
+            return remote_now, set()
+        base = run.base
+        remote_now = dict(remote_now)
+        rewritten: set[str] = set()
+        now = time.time_ns()
+        for path in hashed:
+            *sig, digest = remote_now[path]
+            remote_now[path] = sig
+            if base.remote.get(path) != sig:
+                continue  # changed by its signature anyway
+            if digest != base.hashes.get(path):
+                rewritten.add(path)
+            elif not _racy(sig, now, _HOST_WINDOW):
+                base.remote_racy.discard(path)
+                base.dirty = True
+        return remote_now, rewritten
+
+    def _changed_unseen(self, run: _Run, path: str, lsig: Any) -> bool:
+        """Whether a local file whose size and mtime are as the base recorded them
+        changed all the same: only a racy one can, and its hash says."""
+        base = run.base
+        if path not in base.racy or not isinstance(lsig, list) or lsig[3] != "f":
+            return False
+        try:
+            with _local_errors(path, "reading"):
+                digest = _digest_file(os.path.join(self.local_root, path))
+        except FileSyncError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return True  # gone since the scan: let the plan look again
+            raise
+        if digest != base.hashes.get(path):
+            return True
+        base.mark(path, lsig)  # checked now: racy still only if its mtime is recent
+        return False
+
+    def _same_content(self, run: _Run, path: str, lsig: Sig, rsig: Sig) -> str | None:
+        """The content hash ("" for a symlink) if the local file and the host's hold
+        the same, else None. Reads both (the host's through the filesystem) unless
+        kind or size already tell them apart."""
+        if lsig[3] != rsig[3]:
+            return None
+        if lsig[3] == "l":
+            return "" if lsig[4] == rsig[4] else None
+        if lsig[0] != rsig[0]:
+            return None
+        try:
+            with _local_errors(path, "reading"):
+                mine = _digest_file(os.path.join(self.local_root, path))
+            with _remote_errors(self.host, path, "reading"):
+                theirs = run.host.digest(path)
+        except (FileSyncError, TransferError) as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None  # gone since the scan: the copy that follows will see
+            raise
+        return mine if mine == theirs else None
+
     # -- doing it ----------------------------------------------------------------------
 
     def _problem(self, path: str, sig: Sig, *, upload: bool) -> str | None:
@@ -1404,8 +1574,8 @@ class FileSync:
         view = run.remote_view
         for path in plan.forget:
             base.drop(path)
-        for path, lsig, rsig in plan.adopt:
-            base.set(path, lsig, rsig)
+        for path, lsig, rsig, digest in plan.adopt:
+            base.set(path, lsig, rsig, digest)
         emptied: set[str] = set()
         deleted: set[str] = set()
         for path, _ in plan.delete:
@@ -1448,12 +1618,12 @@ class FileSync:
                 if there == _DIR:
                     run.skip(path, f"it is a directory on {self.host}", lsig)
                     continue
-                if there is not None:
-                    if _equivalent(lsig, there):
-                        base.set(path, lsig, there)
+                if there is not None and not host.unchanged(base.remote.get(path), there):
+                    digest = self._same_content(run, path, lsig, there)  # changed there too
+                    if digest is not None:
+                        base.set(path, lsig, there, digest)
                         continue
-                    if not _same(base.remote.get(path), there):
-                        theirs = there
+                    theirs = there
             if theirs is not None:
                 saved = self._save_theirs(run, path, theirs)
                 if saved is None:
@@ -1474,6 +1644,7 @@ class FileSync:
 
     def _upload(self, run: _Run, path: str, lsig: Sig) -> None:
         host = run.host
+        digest = None
         if lsig[3] == "l":
             with _remote_errors(self.host, path, "creating symlink"):
                 rsig = host.put_link(path, lsig[4])
@@ -1485,10 +1656,12 @@ class FileSync:
                 if isinstance(exc.__cause__, FileNotFoundError):
                     return  # deleted since the scan; the journal has it
                 raise
+            src = _LocalFile(f, path)
             with f, _remote_errors(self.host, path, "copying"):
-                rsig = host.put_file(_LocalFile(f, path), path, lsig, run.ticker(path))
+                rsig = host.put_file(src, path, lsig, run.ticker(path))
             run.report.bytes += rsig[0]
-        run.base.set(path, lsig, rsig)
+            digest = src.digest
+        run.base.set(path, lsig, rsig, digest)
         run.report.uploaded.append(path)
         if run.remote_view is not None:
             run.remote_view[path] = rsig
@@ -1497,8 +1670,8 @@ class FileSync:
         base, report = run.base, run.report
         for path in plan.forget:
             base.drop(path)
-        for path, lsig, rsig in plan.adopt:
-            base.set(path, lsig, rsig)
+        for path, lsig, rsig, digest in plan.adopt:
+            base.set(path, lsig, rsig, digest)
         for path in plan.keep:
             base.remote.pop(path, None)
             base.dirty = True
@@ -1556,7 +1729,7 @@ class FileSync:
         if problem:
             run.skip(path, problem, rsig)
             return
-        temp = self._fetch(run, path, rsig)
+        temp, digest = self._fetch(run, path, rsig)
         if temp is None:
             return
         where = os.path.join(self.local_root, path)
@@ -1576,13 +1749,13 @@ class FileSync:
                 raise
             lsig = _lstat(where)
         if isinstance(lsig, list):
-            run.base.set(path, lsig, rsig)
+            run.base.set(path, lsig, rsig, digest)
         run.report.downloaded.append(path)
         run.report.bytes += rsig[0]
 
     def _save_theirs(self, run: _Run, path: str, rsig: Sig) -> str | None:
         """Copy the host's version of ``path`` beside the local one; return its name."""
-        temp = self._fetch(run, path, rsig)
+        temp, _ = self._fetch(run, path, rsig)
         if temp is None:
             return None
         with _local_errors(path, "saving the host's version of"):
@@ -1608,26 +1781,28 @@ class FileSync:
         run.report.bytes += os.lstat(os.path.join(self.local_root, saved)).st_size
         return saved
 
-    def _fetch(self, run: _Run, path: str, rsig: Sig) -> str | None:
+    def _fetch(self, run: _Run, path: str, rsig: Sig) -> tuple[str | None, str | None]:
         """Copy the host's ``path`` to a temporary file beside the local one (absolute
-        path), with the host's mode and mtime; None if it vanished from the host."""
+        path), with the host's mode and mtime; None if it vanished from the host.
+        Also the content hash of what came (None for a symlink)."""
         folder = os.path.dirname(os.path.join(self.local_root, path))
         temp = os.path.join(folder, PART_PREFIX + secrets.token_hex(8))
         if rsig[3] == "l":
             with _local_errors(path, "creating symlink"):
                 os.symlink(rsig[4], temp)
-            return temp
+            return temp, None
         try:
             with _local_errors(path, "writing"):
                 f = os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
             with f:
+                dst = _LocalFile(f, path)
                 try:
                     with _remote_errors(self.host, path, "copying"):
-                        run.host.read(path, _LocalFile(f, path), run.ticker(path))
+                        run.host.read(path, dst, run.ticker(path))
                 except TransferError as exc:
                     if isinstance(exc.__cause__, FileNotFoundError):
                         os.remove(temp)
-                        return None  # gone since the scan
+                        return None, None  # gone since the scan
                     raise
             with _local_errors(path, "writing"):
                 os.chmod(temp, rsig[2])
@@ -1636,7 +1811,7 @@ class FileSync:
             with contextlib.suppress(OSError):
                 os.remove(temp)
             raise
-        return temp
+        return temp, dst.digest
 
     def _prune_dirs(
         self, folders: set[str], gone_there: Callable[[str], bool], rmdir: Callable[[str], None]
@@ -1668,6 +1843,9 @@ class FileSync:
                 and data.get("remote_root") == remote_root
             ):
                 base = _Base(remote_root, data["local"], data["remote"], bool(data.get("complete")))
+                base.hashes = dict(data.get("hashes", {}))  # a state without them: none known
+                base.racy = set(data.get("racy", ())) & set(base.local)
+                base.remote_racy = set(data.get("remote_racy", ())) & set(base.remote)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -1686,6 +1864,9 @@ class FileSync:
             "complete": base.complete,
             "local": base.local,
             "remote": base.remote,
+            "hashes": base.hashes,
+            "racy": sorted(base.racy),
+            "remote_racy": sorted(base.remote_racy),
         }
         temp = self.state_path.with_name(f"{self.state_path.name}.{secrets.token_hex(4)}.tmp")
         with _local_errors(str(self.state_path), "saving the sync state"):
