@@ -75,3 +75,20 @@ def test_a_same_size_edit_on_both_sides_keeps_both(link_remote, remote):
         assert f"both.txt changed here and on {remote}" in synced.stderr
         # the next remote cell sees the local version
         assert link_remote.run(f"# link: {remote}\nopen('both.txt').read()").result == repr(local)
+
+
+def test_edits_that_alternate_between_local_and_remote_cells(link_remote, remote):
+    """A notebook that hands one file back and forth: each side sees the other's edit,
+    and no edit is taken for a conflict."""
+    here = notebook_dir(link_remote)
+    for i in range(0, EDITS, 2):
+        wrote = link_remote.run(f"open('ping.csv', 'w').write({csv(i)!r})")
+        assert wrote.status == "ok", wrote.text
+        there = link_remote.run(
+            f"# link: {remote}\nseen = open('ping.csv').read()\nopen('ping.csv', 'w').write({csv(i + 1)!r})\nseen"
+        )
+        assert there.status == "ok", there.text
+        assert eval(there.result) == csv(i)
+        assert "changed here and on" not in there.stderr, there.stderr
+        assert eval(link_remote.run("open('ping.csv').read()").result) == csv(i + 1)
+    assert not list(here.glob("ping.from-*"))

@@ -28,6 +28,38 @@ as JSON), so that an update is told from a deletion and from a conflict::
 A *signature* describes one file: ``[size, mtime_ns, mode, "f"]`` for a regular
 file and ``[0, mtime_ns, mode, "l", target]`` for a symlink. Paths are relative to
 the root and '/'-separated on both sides.
+
+Change is judged by content
+---------------------------
+
+A file changed on either side reaches the other before the next cell, however
+small the change and however soon after the last sync. Size and mtime cannot
+promise that alone: a rewrite of the same size lands in the same mtime when the
+file system keeps coarse times (a jiffy on Linux, whole seconds on ext3 and
+HFS+ and through SFTP's utime, two on FAT), and two files with the same size and
+second need not hold the same bytes. So:
+
+- The base records, beside each side's signature, the **content hash** (sha256)
+  of what was synced, computed while the bytes go through (no second read).
+- The journal (or a full scan) says **where to look**: a path it does not name
+  and whose signature matches the base is taken as unchanged without reading it.
+  That is safe only for a signature recorded long enough after its mtime: a
+  state recorded less than :data:`RACY_NS` after the file's mtime (or before it)
+  is **racy**, since a later write in the same granule would leave it as is
+  (git's "racily clean" index entries). Racy paths are re-checked at every
+  push whatever the journal says, by hash, until a check finds them old enough;
+  a file not written for two seconds is never read again until it changes.
+- The same holds on the host: the router names the host's racy files in the
+  cell's scan request and the host's scan adds their hash
+  (:func:`hash_racy`), so a same-size rewrite by the cell comes back.
+- Where both sides changed (or the base does not know a path), they are equal
+  only if their bytes are: both are hashed (the host's read through the
+  filesystem) unless kind or size already differ; else it is a conflict.
+- The journal proves it has seen every earlier event with a barrier event of
+  its own; when it cannot make one, the push compares everything.
+
+The hot path is unchanged: a sync with nothing to do and nothing racy reads no
+file and starts no worker.
 """
 
 from __future__ import annotations
@@ -399,7 +431,8 @@ class Journal:
 
     Before answering, :meth:`take` waits until the observer has seen every event
     that happened before the call (it chmods the root to its own mode and waits
-    for that event), so a file written just before a sync is never missed.
+    for that event), so a file written just before a sync is never missed; if
+    it cannot chmod the root it returns None rather than guess.
     It is awaited on the event loop: no thread blocks on the barrier.
     """
 
