@@ -92,3 +92,19 @@ def test_edits_that_alternate_between_local_and_remote_cells(link_remote, remote
         assert "changed here and on" not in there.stderr, there.stderr
         assert eval(link_remote.run("open('ping.csv').read()").result) == csv(i + 1)
     assert not list(here.glob("ping.from-*"))
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_on_the_host_comes_back(link_remote, remote):
+    """As on a host whose file system keeps coarse times: the cell's rewrite leaves the
+    size and the mtime as they were pushed. The host's scan hashes such racy files."""
+    here = notebook_dir(link_remote)
+    for i in range(0, 10, 2):
+        (here / "coarse.csv").write_text(csv(i))
+        there = link_remote.run(
+            f"# link: {remote}\nimport os\nst = os.stat('coarse.csv')\nseen = open('coarse.csv').read()\n"
+            f"open('coarse.csv', 'w').write({csv(i + 1)!r})\n"
+            "os.utime('coarse.csv', ns=(st.st_atime_ns, st.st_mtime_ns))\nseen"
+        )
+        assert there.status == "ok", there.text
+        assert eval(there.result) == csv(i)
+        assert eval(link_remote.run("open('coarse.csv').read()").result) == csv(i + 1)

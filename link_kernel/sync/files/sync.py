@@ -365,13 +365,20 @@ class FileSync:
     # -- judging by content ----------------------------------------------------------
 
     def racy_remote(self) -> list[str]:
-        """The host's files whose recorded state a write from now on could leave as
-        it is: the host's scan after the next cell hashes them (:func:`hash_racy`)."""
+        """The host's files whose recorded state was racy: the host's scan after the
+        next cell hashes them (:func:`hash_racy`), which covers any write since the
+        state was recorded. Those whose mtime is now out of the window get that check
+        once more and no other: no later write can land in their granule."""
         base = self._base
-        if base is None:
+        if base is None or self._lock.locked():
             return []
         now = time.time_ns()
-        return sorted(p for p in base.remote_racy if p in base.remote and _racy(base.remote[p], now, _HOST_WINDOW))
+        paths = sorted(p for p in base.remote_racy if p in base.remote)
+        for path in paths:
+            if not _racy(base.remote[path], now, _HOST_WINDOW):
+                base.remote_racy.discard(path)
+                base.dirty = True
+        return paths
 
     def _unhash(self, run: _Run, remote_now: dict[str, Sig]) -> tuple[dict[str, Sig], set[str]]:
         """The host's scan without the hashes :func:`hash_racy` added, and the paths
