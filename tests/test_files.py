@@ -29,6 +29,7 @@ from link_kernel.sync.files import (
     Journal,
     SyncReport,
     conflict_name,
+    hash_racy,
     scan_tree,
     too_big,
 )
@@ -600,6 +601,9 @@ def test_a_push_with_nothing_changed_does_nothing_and_a_change_is_pushed(watched
     write(watched.local / "a.txt", "a")
     watched.both()  # full comparison: the journal's first take
     watched.push(known=False)  # takes the events of the write above, if late for the first
+    assert not watched.sync._quiet(str(watched.remote))  # a.txt is racy: its hash is checked
+    os.utime(watched.local / "a.txt", ns=(OLD, OLD))
+    watched.push(known=False)  # pushes the new mtime; an old mtime is not racy
     assert watched.sync._quiet(str(watched.remote))
 
     operate = watched.sync._operate
@@ -709,3 +713,129 @@ def test_the_host_reports_only_what_changed_since_the_scan_the_router_holds(tmp_
     assert stale["files"] == now
     other = scan_report(now, {**request, "id": "router2", "since": stale["files_token"]})
     assert other["files"] == now  # each router keeps its own
+
+
+# -- change is judged by content ----------------------------------------------------------
+
+
+def same_size_edits(n: int = 20) -> list[str]:
+    return [f"a,b\n{i + 10},{i + 10}\n" for i in range(n)]
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "scan"])
+@pytest.mark.parametrize("known", [True, False], ids=["host-scanned", "host-unknown"])
+def test_a_same_size_edit_with_the_same_mtime_is_pushed(tmp_path, journal, known):
+    """Edits in one timestamp granule: same size, and the mtime set back to the very
+    nanosecond, as a file system that keeps coarse times would leave it."""
+    pair = Pair(tmp_path, journal=journal)
+    try:
+        data = pair.local / "data.csv"
+        mtime = time.time_ns()
+        for text in same_size_edits():
+            write(data, text, mtime=mtime)
+            pair.push(known=known)
+            assert (pair.remote / "data.csv").read_text() == text
+    finally:
+        pair.close()
+
+
+def test_same_size_edits_within_a_second_reach_the_host(watched):
+    """No mtime games: edits as fast as a notebook makes them, each pushed at once."""
+    data = watched.local / "data.csv"
+    for text in same_size_edits():
+        data.write_text(text)
+        assert watched.push(known=False).uploaded == ["data.csv"]
+        assert (watched.remote / "data.csv").read_text() == text
+
+
+def test_an_old_file_is_not_hashed_again(watched, monkeypatch):
+    write(watched.local / "old.csv", "a,b\n1,2\n", mtime=OLD)
+    write(watched.local / "new.csv", "a,b\n1,2\n")
+    watched.push(known=False)
+    assert watched.sync._base.racy == {"new.csv"}  # only the recent one
+    assert set(watched.sync._base.hashes) == {"old.csv", "new.csv"}
+    os.utime(watched.local / "new.csv", ns=(OLD, OLD))
+    watched.push(known=False)
+    assert watched.sync._base.racy == set()
+    assert watched.sync._quiet(str(watched.remote))
+    state = json.loads(watched.state.read_text())
+    assert set(state["hashes"]) == {"old.csv", "new.csv"} and state["racy"] == []
+
+
+def test_same_size_edits_on_both_sides_are_a_conflict(pair):
+    write(pair.local / "notes.txt", "v1\n")
+    pair.both()
+    mtime = time.time_ns()
+    write(pair.local / "notes.txt", "l1\n", mtime=mtime)
+    write(pair.remote / "notes.txt", "h1\n", mtime=mtime)
+
+    report = pair.both()
+
+    assert [path for path, _ in report.conflicts] == ["notes.txt"]
+    assert (pair.local / "notes.txt").read_text() == "l1\n"
+    assert (pair.local / "notes.from-gpu.txt").read_text() == "h1\n"
+
+
+def test_a_local_edit_in_the_same_granule_is_never_overwritten_by_a_pull(pair):
+    write(pair.local / "notes.txt", "v1\n")
+    pair.push()
+    sig = os.stat(pair.local / "notes.txt").st_mtime_ns
+    write(pair.local / "notes.txt", "l1\n", mtime=sig)  # size and mtime as pushed
+    write(pair.remote / "notes.txt", "h1\n")
+
+    report = pair.pull()
+
+    assert (pair.local / "notes.txt").read_text() == "l1\n"
+    assert [path for path, _ in report.conflicts] == ["notes.txt"]
+    assert (pair.local / "notes.from-gpu.txt").read_text() == "h1\n"
+
+
+def test_equal_content_on_both_sides_is_adopted_unequal_is_not(pair):
+    mtime = time.time_ns()
+    write(pair.local / "same.txt", "abc", mtime=mtime)
+    write(pair.remote / "same.txt", "abc", mtime=mtime + 5 * 10**8)
+    write(pair.local / "differ.txt", "abc", mtime=mtime)
+    write(pair.remote / "differ.txt", "xyz", mtime=mtime)  # same size, same second
+
+    report = pair.push()
+
+    assert report.uploaded == ["differ.txt"] and report.conflicts == [("differ.txt", "differ.from-gpu.txt")]
+    assert (pair.local / "differ.from-gpu.txt").read_text() == "xyz"
+    assert (pair.remote / "differ.txt").read_text() == "abc"
+
+
+class _Unpokable(Journal):
+    """A journal of a root that is not ours to chmod: it cannot make its barrier."""
+
+    def _poke(self) -> bool:
+        return False
+
+
+def test_take_without_a_barrier_compares_everything(tmp_path):
+    journal = _Unpokable(str(tmp_path), Ignore(str(tmp_path)))
+    with journal:
+        assert take(journal) is None  # the first take
+        write(tmp_path / "a.txt", "a")
+        assert take(journal) is None  # no proof every event arrived: compare everything
+
+
+def test_a_same_size_rewrite_on_the_host_in_the_same_granule_comes_back(pair):
+    """The host's scan hashes the files the router holds a racy state of."""
+    data = pair.local / "data.csv"
+    edits = same_size_edits(6)
+    write(data, edits[0])  # just written: racy on both sides once pushed
+    pair.push()
+    assert pair.sync.racy_remote() == ["data.csv"]
+    mtime = os.stat(pair.remote / "data.csv").st_mtime_ns
+    for text in edits[1:]:
+        write(pair.remote / "data.csv", text, mtime=mtime)  # size and mtime as recorded
+        scan = hash_racy(str(pair.remote), pair.scan(), pair.sync.racy_remote())
+        assert len(scan["data.csv"]) == 5
+        report = asyncio.run(pair.sync.pull(pair.fs, str(pair.remote), scan))
+        assert report.downloaded == ["data.csv"], report
+        assert data.read_text() == text
+    scan = hash_racy(str(pair.remote), pair.scan(), pair.sync.racy_remote())
+    assert not asyncio.run(pair.sync.pull(pair.fs, str(pair.remote), scan)).changed
+    host = {}
+    exec(compile(SCAN_SOURCE, "<host>", "exec"), host)  # both run alone on a host
+    assert host["hash_racy"](str(pair.remote), host["scan_tree"](str(pair.remote)), ["data.csv"]) == scan

@@ -609,6 +609,7 @@ class RemoteBackend(Backend):
             link["scan"] = {
                 "root": transport.workdir,
                 "prune": self._filesync().ignore.prune_dirs(),
+                "hash": self._filesync().racy_remote(),  # judged by content on the host
                 "id": self._scan_id,
                 "since": self._scan_token,  # the host sends only what changed since
             }
