@@ -190,11 +190,23 @@ def python3_kernel(session_root) -> str:
     return "python3"
 
 
+class PlainRuns(dict):
+    """Each corpus notebook run once in plain ipykernel, when first asked for
+    (so a ``-k`` selection runs only the notebooks it needs). It must run cleanly:
+    only cells tagged ``raises-exception`` may raise."""
+
+    def __init__(self, kernel: str, base: Path) -> None:
+        super().__init__()
+        self.kernel, self.base = kernel, base
+
+    def __missing__(self, name: str):
+        self[name] = execute(name, self.base / name, self.kernel)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def plain(python3_kernel, tmp_path_factory) -> dict:
-    """Every corpus notebook run once in plain ipykernel (it must run cleanly)."""
-    base = tmp_path_factory.mktemp("plain")
-    return {name: execute(name, base / name, python3_kernel) for name in NOTEBOOKS}
+def plain(python3_kernel, tmp_path_factory) -> PlainRuns:
+    return PlainRuns(python3_kernel, tmp_path_factory.mktemp("plain"))
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +218,36 @@ def proc_host(tmp_path_factory) -> str:
 def test_corpus_is_a_corpus(plain):
     """At least 12 notebooks, each with heavy cells and markdown between its code cells."""
     assert len(NOTEBOOKS) >= 12
-    for name, nb in plain.items():
+    for name in NOTEBOOKS:
+        nb = plain[name]
         assert any(heavy(c) for c in nb.cells), name
         assert any(c.cell_type == "markdown" for c in nb.cells), name
+
+
+def test_normalizer_drops_only_run_to_run_noise():
+    """Addresses, timings, the cell's file name and Link's line go; everything else stays."""
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + struct.pack(">II", 640, 480)).decode()
+    outputs = [
+        {"output_type": "stream", "name": "stdout", "text": "CPU times: user 3 ms, sys: 0 ns, total: 3 ms\n"},
+        {"output_type": "stream", "name": "stdout", "text": "Wall time: 2.1 ms\n"},
+        {"output_type": "stream", "name": "stderr", "text": "/tmp/ipykernel_123/456.py:1: Warning\n"},
+        {"output_type": "stream", "name": "stdout", "text": "125 μs ± 0 ns per loop (mean ± std. dev. of 1 run, 3 loops each)\n"},
+        {"output_type": "execute_result", "execution_count": 4, "metadata": {},
+         "data": {"text/plain": "<torch._C.Generator at 0x7f3a2c0b1d30>", "image/png": png}},
+        {"output_type": "display_data", "metadata": {"link": {"target": "proc"}},
+         "data": {"text/plain": "[link] ran on proc in 0.12 s"}},
+        {"output_type": "error", "ename": "ValueError", "evalue": "bad 0.5", "traceback": ["..."]},
+    ]
+    assert normalize(outputs) == [
+        ("stream", "stdout", "CPU times: …\nWall time: …\n"),
+        ("stream", "stderr", "/tmp/ipykernel_…/….py:1: Warning\n"),
+        ("stream", "stdout", "… per loop (mean ± std. dev. of 1 run, 3 loops each)\n"),
+        ("execute_result", "<torch._C.Generator at 0x…>", ("image/png", (640, 480))),
+        ("error", "ValueError", "bad 0.5"),
+    ]
+    other = [dict(o) for o in outputs[4:5]]
+    other[0]["data"] = {"text/plain": "<torch._C.Generator at 0x7f3a2c0b1d30>"}
+    assert normalize(other) != normalize(outputs[4:5]), "a missing image must count"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
