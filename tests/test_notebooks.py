@@ -211,6 +211,8 @@ def plain(python3_kernel, tmp_path_factory) -> PlainRuns:
 
 @pytest.fixture(scope="module")
 def proc_host(tmp_path_factory) -> str:
+    """A ``process`` host with one work directory for the whole corpus, as one user's
+    notebooks share a host (the ``remote`` hosts do the same)."""
     register(HostConfig(alias="proc", transport="process", workdir=str(tmp_path_factory.mktemp("work-all"))))
     return "proc"
 
