@@ -1,0 +1,285 @@
+"""The notebook corpus gives the same outputs plain and with its cells routed.
+
+Each notebook of ``tests/notebooks/`` runs through nbclient in plain ipykernel
+(``python3``), then through Link with its ``heavy``-tagged cells routed to a
+host (a ``# link: HOST`` first line), then through Link with every cell routed
+(a first cell ``%link default proc``, not compared). Each run gets a fresh
+copy of the notebook and its ``data/`` folder. One normalizer serves every
+comparison (see ``normalize``); the outputs must match cell by cell.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from nbclient import NotebookClient
+from remote_hosts import register
+
+from link_kernel.hosts import HostConfig
+
+CORPUS = Path(__file__).parent / "notebooks"
+NOTEBOOKS = sorted(p.stem for p in CORPUS.glob("*.ipynb"))
+#: Share of cells that must be identical when every cell is routed.
+ALL_ROUTED_GOAL = 0.97
+CELL_TIMEOUT = 180
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+_UNIT = r"(?:ns|µs|μs|us|ms|s|min|h)"
+_TIMEIT = re.compile(rf"\d+(?:\.\d+)? {_UNIT} ± \d+(?:\.\d+)? {_UNIT} per loop")
+_SLOWEST = re.compile(r"The slowest run took [^\n]*\n?")
+_CPU = re.compile(r"CPU times: [^\n]*")
+_WALL = re.compile(r"Wall time: [^\n]*")
+#: The file ipykernel compiles a cell to: named by the kernel's pid and the code's hash.
+_CELL_FILE = re.compile(r"ipykernel_\d+/\d+\.py")
+
+
+def scrub(text: str) -> str:
+    """Remove what differs between two runs of one notebook in plain ipykernel:
+    memory addresses, timings, the name of the file a cell is compiled to."""
+    text = _ADDRESS.sub("0x…", text)
+    text = _TIMEIT.sub("… per loop", text)
+    text = _SLOWEST.sub("", text)
+    text = _CPU.sub("CPU times: …", text)
+    text = _CELL_FILE.sub("ipykernel_…/….py", text)
+    return _WALL.sub("Wall time: …", text)
+
+
+def png_size(data: str) -> tuple[int, int]:
+    raw = base64.b64decode(data)
+    width, height = struct.unpack(">II", raw[16:24])
+    return width, height
+
+
+def is_link_note(output: dict) -> bool:
+    """Link's quiet "ran on" line under a remote cell."""
+    return "link" in output.get("metadata", {})
+
+
+def normalize(outputs: list[dict]) -> list[tuple]:
+    """What a reader sees in a cell's outputs, without what differs from run to run:
+    memory addresses, timings, Link's quiet line, execution counts. Adjacent
+    stream chunks of one stream are one text, as a notebook shows them."""
+    shown: list[list] = []
+    for out in outputs:
+        if is_link_note(out):
+            continue
+        kind = out["output_type"]
+        if kind == "stream":
+            if shown and shown[-1][:2] == ["stream", out["name"]]:
+                shown[-1][2] += out["text"]
+            else:
+                shown.append(["stream", out["name"], out["text"]])
+        elif kind in ("execute_result", "display_data"):
+            item = [kind, out["data"].get("text/plain", "")]
+            if "image/png" in out["data"]:
+                item.append(("image/png", png_size(out["data"]["image/png"])))
+            shown.append(item)
+        elif kind == "error":
+            shown.append(["error", out["ename"], out["evalue"]])
+    return [tuple(scrub(x) if isinstance(x, str) else x for x in item) for item in shown]
+
+
+def _fresh_copy(name: str, where: Path) -> Path:
+    where.mkdir(parents=True)
+    shutil.copy(CORPUS / f"{name}.ipynb", where / f"{name}.ipynb")
+    shutil.copytree(CORPUS / "data", where / "data")
+    return where / f"{name}.ipynb"
+
+
+def execute(name: str, where: Path, kernel: str, *, edit=None, allow_errors: bool = False):
+    """Run a fresh copy of notebook ``name`` in ``where``; return the executed notebook."""
+    path = _fresh_copy(name, where)
+    nb = nbformat.read(path, as_version=4)
+    if edit is not None:
+        edit(nb)
+    client = NotebookClient(
+        nb,
+        kernel_name=kernel,
+        timeout=CELL_TIMEOUT,
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(where)}},
+    )
+    client.execute()
+    return nb
+
+
+def heavy(cell) -> bool:
+    return cell.cell_type == "code" and "heavy" in cell.metadata.get("tags", [])
+
+
+def route_heavy(target: str):
+    def edit(nb):
+        for cell in nb.cells:
+            if heavy(cell):
+                cell.source = f"# link: {target}\n" + cell.source
+
+    return edit
+
+
+def route_all(target: str):
+    def edit(nb):
+        setup = nbformat.v4.new_code_cell(f"%link default {target}")
+        setup.id = "link-default"
+        nb.cells.insert(0, setup)
+
+    return edit
+
+
+@dataclass
+class Difference:
+    notebook: str
+    index: int
+    source: str
+    plain: list[tuple]
+    link: list[tuple]
+    link_outputs: list[dict]
+
+    def __str__(self) -> str:
+        first = self.source.splitlines()[0] if self.source else ""
+        lines = [f"--- {self.notebook} cell {self.index}: {first}"]
+        lines += ["  plain:"] + [f"    {item!r}" for item in self.plain]
+        lines += ["  link:"] + [f"    {item!r}" for item in self.link]
+        return "\n".join(lines)
+
+    @property
+    def explained(self) -> bool:
+        """Whether the cell's own output says what Link could not do (a limit)."""
+        return any("link" in str(item).lower() for item in self.link)
+
+
+def compare(name: str, plain, routed) -> tuple[int, list[Difference]]:
+    """(number of code cells compared, the cells whose outputs differ)."""
+    by_id = {c.id: c for c in routed.cells if c.cell_type == "code"}
+    code = [c for c in plain.cells if c.cell_type == "code"]
+    differences = []
+    for index, cell in enumerate(code):
+        other = by_id[cell.id]
+        mine, theirs = normalize(cell.outputs), normalize(other.outputs)
+        if mine != theirs:
+            differences.append(Difference(name, index, cell.source, mine, theirs, other.outputs))
+    return len(code), differences
+
+
+def unrouted(nb, target: str, cells) -> list[str]:
+    """First lines of ``cells`` that show no sign of having run on ``target``."""
+    missing = []
+    for cell in cells:
+        notes = [o for o in cell.outputs if is_link_note(o)]
+        if not any(o["metadata"]["link"].get("target") == target for o in notes):
+            missing.append(cell.source.splitlines()[-1 if cell.source.startswith("# link") else 0])
+    return missing
+
+
+@pytest.fixture(scope="module")
+def python3_kernel(session_root) -> str:
+    """ipykernel's ``python3`` spec, visible to this session's isolated Jupyter path."""
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:
+        from ipykernel.kernelspec import install
+
+        install(prefix=str(session_root))
+    return "python3"
+
+
+class PlainRuns(dict):
+    """Each corpus notebook run once in plain ipykernel, when first asked for
+    (so a ``-k`` selection runs only the notebooks it needs). It must run cleanly:
+    only cells tagged ``raises-exception`` may raise."""
+
+    def __init__(self, kernel: str, base: Path) -> None:
+        super().__init__()
+        self.kernel, self.base = kernel, base
+
+    def __missing__(self, name: str):
+        self[name] = execute(name, self.base / name, self.kernel)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def plain(python3_kernel, tmp_path_factory) -> PlainRuns:
+    return PlainRuns(python3_kernel, tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def proc_host(tmp_path_factory) -> str:
+    """A ``process`` host with one work directory for the whole corpus, as one user's
+    notebooks share a host (the ``remote`` hosts do the same)."""
+    register(HostConfig(alias="proc", transport="process", workdir=str(tmp_path_factory.mktemp("work-all"))))
+    return "proc"
+
+
+def test_corpus_is_a_corpus(plain):
+    """At least 12 notebooks, each with heavy cells and markdown between its code cells."""
+    assert len(NOTEBOOKS) >= 12
+    for name in NOTEBOOKS:
+        nb = plain[name]
+        assert any(heavy(c) for c in nb.cells), name
+        assert any(c.cell_type == "markdown" for c in nb.cells), name
+
+
+def test_normalizer_drops_only_run_to_run_noise():
+    """Addresses, timings, the cell's file name and Link's line go; everything else stays."""
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + struct.pack(">II", 640, 480)).decode()
+    outputs = [
+        {"output_type": "stream", "name": "stdout", "text": "CPU times: user 3 ms, sys: 0 ns, total: 3 ms\n"},
+        {"output_type": "stream", "name": "stdout", "text": "Wall time: 2.1 ms\n"},
+        {"output_type": "stream", "name": "stderr", "text": "/tmp/ipykernel_123/456.py:1: Warning\n"},
+        {"output_type": "stream", "name": "stdout", "text": "125 μs ± 0 ns per loop (mean ± std. dev. of 1 run, 3 loops each)\n"},
+        {"output_type": "execute_result", "execution_count": 4, "metadata": {},
+         "data": {"text/plain": "<torch._C.Generator at 0x7f3a2c0b1d30>", "image/png": png}},
+        {"output_type": "display_data", "metadata": {"link": {"target": "proc"}},
+         "data": {"text/plain": "[link] ran on proc in 0.12 s"}},
+        {"output_type": "error", "ename": "ValueError", "evalue": "bad 0.5", "traceback": ["..."]},
+    ]
+    assert normalize(outputs) == [
+        ("stream", "stdout", "CPU times: …\nWall time: …\n"),
+        ("stream", "stderr", "/tmp/ipykernel_…/….py:1: Warning\n"),
+        ("stream", "stdout", "… per loop (mean ± std. dev. of 1 run, 3 loops each)\n"),
+        ("execute_result", "<torch._C.Generator at 0x…>", ("image/png", (640, 480))),
+        ("error", "ValueError", "bad 0.5"),
+    ]
+    other = [dict(o) for o in outputs[4:5]]
+    other[0]["data"] = {"text/plain": "<torch._C.Generator at 0x7f3a2c0b1d30>"}
+    assert normalize(other) != normalize(outputs[4:5]), "a missing image must count"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_heavy_cells_routed(remote, name, plain, tmp_path):
+    """Link with the heavy cells on a host: every cell as in plain ipykernel."""
+    routed = execute(name, tmp_path / name, "link", edit=route_heavy(remote), allow_errors=True)
+    total, differences = compare(name, plain[name], routed)
+    for difference in differences:
+        print(difference)
+    assert not differences, f"{len(differences)} of {total} cells differ in {name} (printed above)"
+    missing = unrouted(routed, remote, [c for c in routed.cells if heavy(c)])
+    assert not missing, f"heavy cells that did not run on {remote}: {missing}"
+
+
+def test_every_cell_routed(proc_host, plain, tmp_path):
+    """Link with every cell on a host: at least 97% of the corpus' cells as in plain
+    ipykernel, and each cell that differs says in its own output why."""
+    total, differences = 0, []
+    for name in NOTEBOOKS:
+        routed = execute(name, tmp_path / name, "link", edit=route_all(proc_host), allow_errors=True)
+        count, found = compare(name, plain[name], routed)
+        total += count
+        differences += found
+        code = [c for c in routed.cells if c.cell_type == "code" and c.id != "link-default"]
+        missing = unrouted(routed, proc_host, code)
+        assert not missing, f"{name}: cells that did not run on {proc_host}: {missing}"
+    for difference in differences:
+        print(difference)
+    identical = (total - len(differences)) / total
+    print(f"every cell routed: {total - len(differences)} of {total} cells identical ({identical:.1%})")
+    assert identical >= ALL_ROUTED_GOAL, f"{len(differences)} of {total} cells differ (printed above)"
+    silent = [f"{d.notebook} cell {d.index}" for d in differences if not d.explained]
+    assert not silent, f"cells that differ without saying why: {silent}"
