@@ -188,7 +188,8 @@ class LinkKernel(Kernel):
         self.io_loop.add_callback(self._start_backends)
 
     async def _start_backends(self) -> None:
-        self._started = asyncio.ensure_future(self.local.start())
+        if self._started is None:  # a request that came first may have started it
+            self._started = asyncio.ensure_future(self.local.start())
         try:
             await self._started
         except Exception:
@@ -205,6 +206,20 @@ class LinkKernel(Kernel):
         except LinkError:
             self._started = asyncio.ensure_future(self.local.start())
             await self._started
+
+    async def _started_once(self) -> bool:
+        """Wait for the local kernel's start under way (not a restart); True if it runs.
+
+        A request to the local kernel before its start finished would reach a
+        kernel without Link's agent, which drops what it cannot handle: no reply.
+        """
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.local.start())
+        try:
+            await asyncio.shield(self._started)
+        except Exception:
+            return False
+        return self.local.alive
 
     def on_stdin_frames(self, frames: list) -> None:
         """The frontend's stdin socket: input replies go to the kernel that asked."""
@@ -360,7 +375,10 @@ class LinkKernel(Kernel):
         try:
             await self._ready()
             reply = await self.local.forward(frames, i, parent["header"]["msg_id"], "shell")
-        except LinkError as err:
+        except Exception as exc:
+            if not isinstance(exc, LinkError):
+                self.log.exception("%s failed inside the router", msg_type)
+            err = exc if isinstance(exc, LinkError) else LinkError(f"internal error in the Link router: {exc!r}")
             reply_type = msg_type.replace("_request", "_reply")
             content = {"status": "error", **error_content(err)}
             self.session.send(stream, reply_type, content, parent, ident=ident)
@@ -378,8 +396,8 @@ class LinkKernel(Kernel):
         try:
             await self._ready()
             self.local.forward_nowait(frames, i)
-        except LinkError as err:
-            self.log.warning("comm message dropped: %s", err)
+        except Exception as err:
+            self.log.warning("comm message dropped: %r", err)
 
     comm_open = comm_msg = comm_close = relay_comm
 
@@ -669,7 +687,7 @@ class LinkKernel(Kernel):
         self._recording = None
         if recorded:
             self.execution_count = count
-        elif store and not silent and self.local.alive:
+        elif store and not silent and await self._started_once():
             try:
                 await self.local.record(code)
                 self.execution_count = count
