@@ -6,7 +6,8 @@ runs nothing itself. Each request goes to a backend:
 - execute_request: to the target the cell's first line names (see
   :mod:`link_kernel.routing`), or to the notebook's default target;
 - complete, inspect, is_complete, history, comm_*: to the local kernel, which
-  holds the notebook's namespace;
+  holds the notebook's namespace; a comm message to the kernel that opened the
+  comm (a kept remote kernel's widget; see :meth:`Relay.on_frontend_comm`);
 - kernel_info, connect, interrupt, shutdown: answered by the router.
 
 Handlers are named after the message types they handle. Status is the
@@ -386,6 +387,8 @@ class LinkKernel(Kernel):
             return
         if msg_type == "history_request":
             reply = self._fix_history(parent["content"], reply)
+        elif msg_type == "comm_info_request":
+            reply = self.relay.add_comms(parent["content"], reply)
         stream.send_multipart([*ident, *reply], copy=False)
 
     complete_request = inspect_request = is_complete_request = relay_to_local
@@ -395,6 +398,8 @@ class LinkKernel(Kernel):
         """Comm messages have no reply; the kernel may handle them mid-cell."""
         frames, i = self._take_raw(parent)
         try:
+            if self.relay.on_frontend_comm(frames, i, parent, self._topic("comm_close")):
+                return
             await self._ready()
             self.local.forward_nowait(frames, i)
         except Exception as err:
@@ -555,6 +560,7 @@ class LinkKernel(Kernel):
             for note in backend.notes:
                 self._note(request.msg, note)
             backend.notes.clear()
+            self._say_widgets_gone(request.msg, backend.name)
         reply.content["execution_count"] = request.execution_count
         link = {"target": backend.name, **backend.last, "seconds": self._cell_seconds()}
         reply.metadata = {**reply.metadata, "link": link}
@@ -589,6 +595,17 @@ class LinkKernel(Kernel):
             parent,
             ident=self._topic("display_data"),
         )
+
+    def _say_widgets_gone(self, parent: dict, host: str) -> None:
+        """Once, under a cell whose kernel ended: its widgets are not connected now."""
+        dead = self.relay.dead_comms(parent["header"]["msg_id"])
+        if dead:
+            what = "widget is" if len(dead) == 1 else f"{len(dead)} widgets are"
+            self._note(
+                parent,
+                f"[link] this cell's {what} no longer connected: {host}'s kernel was released "
+                f"after the cell. Run it with '# link: {host} keep' to keep its widgets live.\n",
+            )
 
     def _cell_seconds(self) -> float:
         """How long the user has waited for the cell being served: from the router

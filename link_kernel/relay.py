@@ -55,6 +55,8 @@ class Relay:
         self._cut = 0
         self._spill: Any = None
         self.spill_path: Path | None = None
+        #: Comms that remote kernels opened: comm_id -> (kernel, target_name, opening msg_id).
+        self.comms: dict[str, tuple[KernelConnection, str, str]] = {}
 
     def begin_cell(self, msg_id: str) -> None:
         """Start counting the stream output of the cell ``msg_id``."""
@@ -126,6 +128,8 @@ class Relay:
             return relay_raw
 
         def relay_resigned(frames: Frames, i: int, msg_type: str, parent: str) -> None:
+            if msg_type in ("comm_open", "comm_close"):
+                self._track_comm(conn, frames, i, msg_type, parent)
             if msg_type in self.drop:
                 return
             if msg_type == "stream" and self._over_budget(frames, i, parent):
@@ -135,6 +139,88 @@ class Relay:
                 self.iopub.send_multipart([*frames[:i], *out], copy=False)
 
         return relay_resigned
+
+    # -- comms of remote kernels (widgets) ----------------------------------------------
+
+    def _track_comm(self, conn: KernelConnection, frames: Frames, i: int, msg_type: str, parent: str) -> None:
+        """A remote kernel opened or closed a comm: remember whose it is."""
+        try:
+            content = json.loads(_bytes(frames[i + 5]))
+            comm_id = content["comm_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if msg_type == "comm_open":
+            self.comms[comm_id] = (conn, content.get("target_name", ""), parent)
+        else:
+            self.comms.pop(comm_id, None)
+
+    def comm_kernel(self, comm_id: Any) -> KernelConnection | None:
+        """The remote kernel that opened ``comm_id`` (closed if it has ended); None if
+        no remote kernel did (the local kernel's, or unknown)."""
+        entry = self.comms.get(comm_id) if isinstance(comm_id, str) else None
+        return entry[0] if entry is not None else None
+
+    def live_comms(self, target_name: str | None = None) -> dict[str, dict[str, str]]:
+        """comm_info's entries for the comms of remote kernels still running."""
+        return {
+            comm_id: {"target_name": target}
+            for comm_id, (conn, target, _) in self.comms.items()
+            if not conn.closed and (target_name is None or target == target_name)
+        }
+
+    def dead_comms(self, parent: str | None = None) -> list[str]:
+        """The comms whose kernel has ended (those ``parent`` opened, if given). They
+        stay known until the frontend has been told (see LinkKernel._to_remote_comm)."""
+        return [
+            comm_id
+            for comm_id, (conn, _, opened_by) in self.comms.items()
+            if conn.closed and (parent is None or opened_by == parent)
+        ]
+
+    def to_comm_kernel(self, conn: KernelConnection, frames: Frames, i: int) -> bool:
+        """Pass a frontend's comm message (frames from ``i``, the DELIM) to the remote
+        kernel whose comm it is, signed with that kernel's key. False if it is forged."""
+        parts = [_bytes(f) for f in frames[i + 2 : i + 6]]
+        if self.session.auth is not None and not hmac.compare_digest(
+            self.session.sign(parts), _bytes(frames[i + 1])
+        ):
+            log.warning("dropped a comm message with a bad signature")
+            return False
+        if self._same_key(conn):
+            conn.send_raw(list(frames[i:]))
+        else:
+            conn.send_raw([DELIM, conn.session.sign(parts), *parts, *frames[i + 6 :]])
+        return True
+
+    def on_frontend_comm(self, frames: Frames, i: int, parent: dict, topic: bytes) -> bool:
+        """A frontend's message to a comm a remote kernel opened: to that kernel if it
+        runs, else a comm_close back (its widget is no longer connected), never to the
+        local kernel. False if the comm is not a remote kernel's."""
+        content = parent.get("content") or {}
+        comm_id = content.get("comm_id")
+        conn = self.comm_kernel(comm_id)
+        if conn is None:
+            return False
+        closing = parent["header"]["msg_type"] == "comm_close"
+        if not conn.closed:
+            self.to_comm_kernel(conn, frames, i)
+        elif not closing:
+            self.session.send(self.iopub, "comm_close", {"comm_id": comm_id, "data": {}}, parent, ident=topic)
+        if closing or conn.closed:
+            self.comms.pop(comm_id, None)
+        return True
+
+    def add_comms(self, request: dict, frames: Frames) -> Frames:
+        """The local kernel's comm_info_reply (frames from DELIM on), with the comms of
+        the remote kernels still running (a kept kernel's widgets)."""
+        remote = self.live_comms(request.get("target_name"))
+        content = json.loads(_bytes(frames[5]))
+        if not remote or content.get("status") != "ok":
+            return frames
+        content["comms"] = {**content.get("comms", {}), **remote}
+        parts = [_bytes(f) for f in frames[2:5]]
+        parts.append(self.session.pack(content))
+        return [frames[0], self.session.sign(parts), *parts, *frames[6:]]
 
     def reply_frames(self, conn: KernelConnection, frames: Frames) -> list | None:
         """A kernel's reply (frames from DELIM on), ready for the frontend's idents."""
