@@ -598,7 +598,7 @@ class LinkKernel(Kernel):
 
     def _say_widgets_gone(self, parent: dict, host: str) -> None:
         """Once, under a cell whose kernel ended: its widgets are not connected now."""
-        dead = self.relay.dead_comms(parent["header"]["msg_id"])
+        dead = self.relay.dead_inputs(parent["header"]["msg_id"])
         if dead:
             what = "widget is" if len(dead) == 1 else f"{len(dead)} widgets are"
             self._note(

@@ -29,6 +29,25 @@ from .connection import Frames, KernelConnection, _bytes
 
 log = logging.getLogger(__name__)
 
+#: Widget models that only show something: a frontend works them without their
+#: kernel (a finished progress bar, a layout, a tab). The others take input.
+DISPLAY_ONLY_MODELS = frozenset(
+    {
+        "LayoutModel", "StyleModel", "WidgetModel", "DOMWidgetModel",
+        "BoxModel", "HBoxModel", "VBoxModel", "GridBoxModel", "AccordionModel", "TabModel",
+        "StackModel", "HTMLModel", "HTMLMathModel", "LabelModel", "ImageModel", "AudioModel",
+        "VideoModel", "IntProgressModel", "FloatProgressModel", "ValidModel", "OutputModel",
+    }
+)
+
+
+def takes_input(open_content: dict) -> bool:
+    """Whether the widget a comm_open creates sends the user's input to its kernel."""
+    data = open_content.get("data")
+    state = data.get("state") if isinstance(data, dict) else None
+    name = state.get("_model_name", "") if isinstance(state, dict) else ""
+    return bool(name) and name not in DISPLAY_ONLY_MODELS and not name.endswith("StyleModel")
+
 
 class Relay:
     """The frontend-facing half of the router's sockets.
@@ -55,8 +74,9 @@ class Relay:
         self._cut = 0
         self._spill: Any = None
         self.spill_path: Path | None = None
-        #: Comms that remote kernels opened: comm_id -> (kernel, target_name, opening msg_id).
-        self.comms: dict[str, tuple[KernelConnection, str, str]] = {}
+        #: Comms that remote kernels opened:
+        #: comm_id -> (kernel, target_name, opening msg_id, whether it takes input).
+        self.comms: dict[str, tuple[KernelConnection, str, str, bool]] = {}
 
     def begin_cell(self, msg_id: str) -> None:
         """Start counting the stream output of the cell ``msg_id``."""
@@ -150,7 +170,7 @@ class Relay:
         except (ValueError, KeyError, TypeError):
             return
         if msg_type == "comm_open":
-            self.comms[comm_id] = (conn, content.get("target_name", ""), parent)
+            self.comms[comm_id] = (conn, content.get("target_name", ""), parent, takes_input(content))
         else:
             self.comms.pop(comm_id, None)
 
@@ -164,17 +184,17 @@ class Relay:
         """comm_info's entries for the comms of remote kernels still running."""
         return {
             comm_id: {"target_name": target}
-            for comm_id, (conn, target, _) in self.comms.items()
+            for comm_id, (conn, target, _, _) in self.comms.items()
             if not conn.closed and (target_name is None or target == target_name)
         }
 
-    def dead_comms(self, parent: str | None = None) -> list[str]:
-        """The comms whose kernel has ended (those ``parent`` opened, if given). They
-        stay known until the frontend has been told (see LinkKernel._to_remote_comm)."""
+    def dead_inputs(self, parent: str) -> list[str]:
+        """The widgets taking input that ``parent`` opened in a kernel that has ended.
+        Their comms stay known until the frontend is told (:meth:`on_frontend_comm`)."""
         return [
             comm_id
-            for comm_id, (conn, _, opened_by) in self.comms.items()
-            if conn.closed and (parent is None or opened_by == parent)
+            for comm_id, (conn, _, opened_by, takes) in self.comms.items()
+            if conn.closed and opened_by == parent and takes
         ]
 
     def to_comm_kernel(self, conn: KernelConnection, frames: Frames, i: int) -> bool:

@@ -100,7 +100,8 @@ def test_a_released_kernels_widget_says_it_is_no_longer_connected(link_remote, r
     shown = link_remote.run(f"# link: {remote}\n{SLIDER}")
     assert shown.status == "ok", shown.text
     comm_id = _slider_comm(shown.outputs)
-    assert shown.stderr.count("no longer connected") == 1, shown.stderr
+    # one slider (its layout and style are comms too, but not widgets one works)
+    assert shown.stderr.count("this cell's widget is no longer connected") == 1, shown.stderr
     assert f"'# link: {remote} keep'" in shown.stderr
     assert comm_id not in link_remote.request("comm_info")["content"]["comms"]
     _move(link_remote, comm_id, 7)
@@ -111,3 +112,19 @@ def test_a_released_kernels_widget_says_it_is_no_longer_connected(link_remote, r
     # nothing reached the local kernel: no error there, nothing printed
     assert not [m for m in seen if m["msg_type"] in ("stream", "error")]
     assert link_remote.run("1 + 1").result == "2"
+
+
+def test_a_progress_bar_of_a_released_kernel_says_nothing(link_remote, remote):
+    """A finished progress bar (tqdm.notebook draws one so) needs no kernel: no line."""
+    shown = link_remote.run(
+        f"# link: {remote}\n"
+        "import ipywidgets as w\n"
+        "from IPython.display import display\n"
+        "display(w.HBox([w.HTML('epoch'), w.IntProgress(value=10, max=10), w.HTML('10/10')]))\n"
+        "print('trained')"
+    )
+    assert shown.status == "ok" and shown.stdout == "trained\n"
+    assert any(m["msg_type"] == "comm_open" for m in shown.outputs)
+    assert "no longer connected" not in shown.stderr, shown.stderr
+    two = link_remote.run(f"# link: {remote}\nimport ipywidgets as w\nw.VBox([w.IntSlider(), w.Dropdown(options=[1, 2])])")
+    assert "this cell's 2 widgets are no longer connected" in two.stderr, two.stderr
