@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,10 @@ class Relay:
         self._cut = 0
         self._spill: Any = None
         self.spill_path: Path | None = None
-        #: Comms that remote kernels opened:
-        #: comm_id -> (kernel, target_name, opening msg_id, whether it takes input).
-        self.comms: dict[str, tuple[KernelConnection, str, str, bool]] = {}
+        #: Comms that remote kernels opened: comm_id -> (kernel, target_name, opening
+        #: msg_id, whether it takes input). The kernel is held weakly: an ended
+        #: kernel's connection (and the cell it holds) is not kept for its comms.
+        self.comms: dict[str, tuple[weakref.ref, str, str, bool]] = {}
 
     def begin_cell(self, msg_id: str) -> None:
         """Start counting the stream output of the cell ``msg_id``."""
@@ -170,22 +172,29 @@ class Relay:
         except (ValueError, KeyError, TypeError):
             return
         if msg_type == "comm_open":
-            self.comms[comm_id] = (conn, content.get("target_name", ""), parent, takes_input(content))
+            self.comms[comm_id] = (weakref.ref(conn), content.get("target_name", ""), parent, takes_input(content))
         else:
             self.comms.pop(comm_id, None)
 
-    def comm_kernel(self, comm_id: Any) -> KernelConnection | None:
-        """The remote kernel that opened ``comm_id`` (closed if it has ended); None if
-        no remote kernel did (the local kernel's, or unknown)."""
+    def comm_kernel(self, comm_id: Any) -> KernelConnection | None | bool:
+        """The running remote kernel that opened ``comm_id``; False if that kernel has
+        ended; None if no remote kernel opened it (the local kernel's, or unknown)."""
         entry = self.comms.get(comm_id) if isinstance(comm_id, str) else None
-        return entry[0] if entry is not None else None
+        if entry is None:
+            return None
+        conn = entry[0]()
+        return False if conn is None or conn.closed else conn
+
+    def _ended(self, ref: weakref.ref) -> bool:
+        conn = ref()
+        return conn is None or conn.closed
 
     def live_comms(self, target_name: str | None = None) -> dict[str, dict[str, str]]:
         """comm_info's entries for the comms of remote kernels still running."""
         return {
             comm_id: {"target_name": target}
-            for comm_id, (conn, target, _, _) in self.comms.items()
-            if not conn.closed and (target_name is None or target == target_name)
+            for comm_id, (ref, target, _, _) in self.comms.items()
+            if not self._ended(ref) and (target_name is None or target == target_name)
         }
 
     def dead_inputs(self, parent: str) -> list[str]:
@@ -193,8 +202,8 @@ class Relay:
         Their comms stay known until the frontend is told (:meth:`on_frontend_comm`)."""
         return [
             comm_id
-            for comm_id, (conn, _, opened_by, takes) in self.comms.items()
-            if conn.closed and opened_by == parent and takes
+            for comm_id, (ref, _, opened_by, takes) in self.comms.items()
+            if takes and opened_by == parent and self._ended(ref)
         ]
 
     def to_comm_kernel(self, conn: KernelConnection, frames: Frames, i: int) -> bool:
@@ -222,11 +231,11 @@ class Relay:
         if conn is None:
             return False
         closing = parent["header"]["msg_type"] == "comm_close"
-        if not conn.closed:
+        if conn:
             self.to_comm_kernel(conn, frames, i)
         elif not closing:
             self.session.send(self.iopub, "comm_close", {"comm_id": comm_id, "data": {}}, parent, ident=topic)
-        if closing or conn.closed:
+        if closing or not conn:
             self.comms.pop(comm_id, None)
         return True
 
