@@ -19,19 +19,33 @@ from jupyter_client.manager import KernelManager
 from kernel_client import descendants, validate_message, wait_gone
 
 #: Fresh routers per bad first cell; LINK_FIRST_TRIES raises it to hunt a rare hang.
-TRIES = int(os.environ.get("LINK_FIRST_TRIES", "4"))
+TRIES = int(os.environ.get("LINK_FIRST_TRIES", "3"))
 
 
 class Fresh:
     """A router started through the kernelspec, answered kernel_info, nothing more."""
 
     def __init__(self) -> None:
-        self.log = tempfile.NamedTemporaryFile("a", prefix="link-first-", suffix=".log", delete=False)
-        self.km = KernelManager(kernel_name="link")
-        self.km.start_kernel(stderr=self.log)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        for attempt in range(3):
+            self.log = tempfile.NamedTemporaryFile("a", prefix="link-first-", suffix=".log", delete=False)
+            self.km = KernelManager(kernel_name="link")
+            self.km.start_kernel(stderr=self.log)
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            try:
+                self.kc.wait_for_ready(timeout=60)
+                return
+            except RuntimeError:
+                # jupyter_client picks free ports that the kernel binds later: on a busy
+                # machine another process can take one first. Only that is retried.
+                self.kc.stop_channels()
+                self.km.shutdown_kernel(now=True)
+                self.log.close()
+                with open(self.log.name, errors="replace") as f:
+                    text = f.read()
+                os.unlink(self.log.name)
+                if "Address already in use" not in text or attempt == 2:
+                    raise RuntimeError(f"the router did not start:\n{text[-5000:]}") from None
 
     def send(self, method: str, *args, **kwargs) -> str:
         return getattr(self.kc, method)(*args, **kwargs)
@@ -116,21 +130,19 @@ def test_a_bad_first_cell_gets_its_error_reply_and_idle(fresh, code, ename):
 @pytest.mark.parametrize(
     ("method", "args", "reply_type"),
     [
+        # complete, inspect and is_complete take one path; history and comm_info
+        # replies are edited on the way; kernel_info is the router's own
         ("complete", ("import o", 8), "complete_reply"),
-        ("inspect", ("len", 3), "inspect_reply"),
-        ("is_complete", ("for x in y:",), "is_complete_reply"),
         ("history", (), "history_reply"),
         ("comm_info", (), "comm_info_reply"),
         ("kernel_info", (), "kernel_info_reply"),
-        ("execute", ("%link status",), "execute_reply"),
         ("execute", ("6 * 7",), "execute_reply"),
     ],
 )
 def test_any_first_request_gets_its_reply_and_idle(fresh, method, args, reply_type):
     router = fresh()
     reply, messages = router.collect(router.send(method, *args), reply_type)
-    expected = "incomplete" if method == "is_complete" else "ok"
-    assert reply["content"]["status"] == expected, reply["content"]
+    assert reply["content"]["status"] == "ok", reply["content"]
     assert [m["content"]["execution_state"] for m in messages if m["msg_type"] == "status"] == [
         "busy",
         "idle",
@@ -157,3 +169,25 @@ def test_a_shutdown_first_gets_its_reply_and_ends_every_process(fresh):
     children = descendants(pid)
     router.km.provisioner.process.wait(timeout=30)
     assert wait_gone(children, 10) == []
+
+
+def test_a_comm_open_first_reaches_the_local_kernel(fresh):
+    """JupyterLab opens the widget manager's control comm as soon as it connects; a
+    kernel that has not imported ipywidgets answers it with a comm_close, as plain
+    ipykernel does."""
+    router = fresh()
+    msg = router.kc.session.msg(
+        "comm_open", {"comm_id": "control-1", "target_name": "jupyter.widget.control", "data": {}}
+    )
+    router.kc.shell_channel.send(msg)
+    deadline, seen = time.monotonic() + 30, []
+    while not any(m["msg_type"] == "comm_close" and m["content"]["comm_id"] == "control-1" for m in seen):
+        assert time.monotonic() < deadline, seen
+        try:
+            seen.append(router.kc.get_iopub_msg(timeout=0.1))
+        except queue.Empty:
+            pass
+    states = [m["content"]["execution_state"] for m in seen if m["msg_type"] == "status"
+              and m["parent_header"].get("msg_id") == msg["header"]["msg_id"]]
+    assert states[:2] == ["busy", "idle"]
+    assert router.collect(router.send("execute", "1 + 1"), "execute_reply")[0]["content"]["status"] == "ok"
