@@ -5,6 +5,7 @@ Each test runs against a ``process`` host and an ``ssh`` host on a real sshd.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 
@@ -50,6 +51,15 @@ def _move(client, comm_id: str, value: int) -> str:
     return msg["header"]["msg_id"]
 
 
+@contextlib.contextmanager
+def _released(client, remote):
+    """A test's kept kernel ends with it, whatever happens: later cells get fresh ones."""
+    try:
+        yield
+    finally:
+        client.run(f"%link release {remote}")
+
+
 def _iopub_until(client, done, timeout: float = 20.0) -> list[dict]:
     deadline, seen = time.monotonic() + timeout, []
     while not done(seen):
@@ -59,41 +69,42 @@ def _iopub_until(client, done, timeout: float = 20.0) -> list[dict]:
 
 
 def test_a_kept_kernels_widget_stays_live(link_remote, remote):
-    shown = link_remote.run(f"# link: {remote} keep\n{SLIDER}")
-    assert shown.status == "ok", shown.text
-    views = [m for m in shown.outputs if m["msg_type"] in ("display_data", "execute_result")]
-    assert "application/vnd.jupyter.widget-view+json" in views[0]["content"]["data"]
-    comm_id = _slider_comm(shown.outputs)
-    assert "no longer connected" not in shown.stderr
-    info = link_remote.request("comm_info", target_name="jupyter.widget")["content"]
-    assert comm_id in info["comms"]
-    moved = _move(link_remote, comm_id, 7)
-    # the observer runs in the kept kernel; its print reaches the frontend under the comm_msg
-    _iopub_until(
-        link_remote,
-        lambda seen: any(
-            m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == moved
-            and "moved to 7" in m["content"]["text"]
-            for m in seen
-        ),
-    )
-    assert link_remote.run(f"# link: {remote} keep\nslider.value").result == "7"
-    # a cell in the kept kernel moves the slider: the frontend hears of it
-    moving = link_remote.run(f"# link: {remote} keep\nslider.value = 3")
-    updates = moving.outputs + link_remote.drain_iopub()
-    assert any(
-        m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id
-        and m["content"]["data"].get("state", {}).get("value") == 3
-        for m in updates
-    ), updates
-    link_remote.run(f"%link release {remote}")
-    # its kernel is gone now: the frontend's next message gets a comm_close back
-    _move(link_remote, comm_id, 9)
-    _iopub_until(
-        link_remote,
-        lambda seen: any(m["msg_type"] == "comm_close" and m["content"]["comm_id"] == comm_id for m in seen),
-    )
-    assert comm_id not in link_remote.request("comm_info")["content"]["comms"]
+    with _released(link_remote, remote):
+        shown = link_remote.run(f"# link: {remote} keep\n{SLIDER}")
+        assert shown.status == "ok", shown.text
+        views = [m for m in shown.outputs if m["msg_type"] in ("display_data", "execute_result")]
+        assert "application/vnd.jupyter.widget-view+json" in views[0]["content"]["data"]
+        comm_id = _slider_comm(shown.outputs)
+        assert "no longer connected" not in shown.stderr
+        info = link_remote.request("comm_info", target_name="jupyter.widget")["content"]
+        assert comm_id in info["comms"]
+        moved = _move(link_remote, comm_id, 7)
+        # the observer runs in the kept kernel; its print reaches the frontend under the comm_msg
+        _iopub_until(
+            link_remote,
+            lambda seen: any(
+                m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == moved
+                and "moved to 7" in m["content"]["text"]
+                for m in seen
+            ),
+        )
+        assert link_remote.run(f"# link: {remote} keep\nslider.value").result == "7"
+        # a cell in the kept kernel moves the slider: the frontend hears of it
+        moving = link_remote.run(f"# link: {remote} keep\nslider.value = 3")
+        updates = moving.outputs + link_remote.drain_iopub()
+        assert any(
+            m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id
+            and m["content"]["data"].get("state", {}).get("value") == 3
+            for m in updates
+        ), updates
+        link_remote.run(f"%link release {remote}")
+        # its kernel is gone now: the frontend's next message gets a comm_close back
+        _move(link_remote, comm_id, 9)
+        _iopub_until(
+            link_remote,
+            lambda seen: any(m["msg_type"] == "comm_close" and m["content"]["comm_id"] == comm_id for m in seen),
+        )
+        assert comm_id not in link_remote.request("comm_info")["content"]["comms"]
 
 
 def test_a_released_kernels_widget_says_it_is_no_longer_connected(link_remote, remote):
@@ -128,3 +139,30 @@ def test_a_progress_bar_of_a_released_kernel_says_nothing(link_remote, remote):
     assert "no longer connected" not in shown.stderr, shown.stderr
     two = link_remote.run(f"# link: {remote}\nimport ipywidgets as w\nw.VBox([w.IntSlider(), w.Dropdown(options=[1, 2])])")
     assert "this cell's 2 widgets are no longer connected" in two.stderr, two.stderr
+
+
+def test_interact_in_a_kept_kernel_redraws_its_output(link_remote, remote):
+    with _released(link_remote, remote):
+        shown = link_remote.run(
+            f"# link: {remote} keep\n"
+            "from ipywidgets import interact\n"
+            "@interact(n=(0, 10))\n"
+            "def square(n=2):\n"
+            "    print('square is', n * n)"
+        )
+        assert shown.status == "ok", shown.text
+        comm_id = _slider_comm(shown.outputs)
+        moved = _move(link_remote, comm_id, 7)
+        seen = _iopub_until(
+            link_remote,
+            lambda seen: any(
+                m["msg_type"] == "stream" and "square is 49" in m["content"]["text"] for m in seen
+            ),
+        )
+        stream = next(m for m in seen if m["msg_type"] == "stream" and "square is 49" in m["content"]["text"])
+        # under the frontend's own message: its Output widget (which took that msg_id) shows it
+        assert stream["parent_header"]["msg_id"] == moved
+        assert any(
+            m["msg_type"] == "comm_msg" and m["content"]["data"].get("state", {}).get("msg_id") == moved
+            for m in seen
+        )
