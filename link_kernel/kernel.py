@@ -378,9 +378,10 @@ class LinkKernel(Kernel):
             await self._ready()
             reply = await self.local.forward(frames, i, parent["header"]["msg_id"], "shell")
         except Exception as exc:
+            err = exc
             if not isinstance(exc, LinkError):
                 self.log.exception("%s failed inside the router", msg_type)
-            err = exc if isinstance(exc, LinkError) else LinkError(f"internal error in the Link router: {exc!r}")
+                err = LinkError(f"internal error in the Link router: {exc!r}")
             reply_type = msg_type.replace("_request", "_reply")
             content = {"status": "error", **error_content(err)}
             self.session.send(stream, reply_type, content, parent, ident=ident)

@@ -164,7 +164,9 @@ class Relay:
 
     # -- comms of remote kernels (widgets) ----------------------------------------------
 
-    def _track_comm(self, conn: KernelConnection, frames: Frames, i: int, msg_type: str, parent: str) -> None:
+    def _track_comm(
+        self, conn: KernelConnection, frames: Frames, i: int, msg_type: str, parent: str
+    ) -> None:
         """A remote kernel opened or closed a comm: remember whose it is."""
         try:
             content = json.loads(_bytes(frames[i + 5]))
@@ -172,18 +174,10 @@ class Relay:
         except (ValueError, KeyError, TypeError):
             return
         if msg_type == "comm_open":
-            self.comms[comm_id] = (weakref.ref(conn), content.get("target_name", ""), parent, takes_input(content))
+            target = content.get("target_name", "")
+            self.comms[comm_id] = (weakref.ref(conn), target, parent, takes_input(content))
         else:
             self.comms.pop(comm_id, None)
-
-    def comm_kernel(self, comm_id: Any) -> KernelConnection | None | bool:
-        """The running remote kernel that opened ``comm_id``; False if that kernel has
-        ended; None if no remote kernel opened it (the local kernel's, or unknown)."""
-        entry = self.comms.get(comm_id) if isinstance(comm_id, str) else None
-        if entry is None:
-            return None
-        conn = entry[0]()
-        return False if conn is None or conn.closed else conn
 
     def _ended(self, ref: weakref.ref) -> bool:
         conn = ref()
@@ -225,18 +219,21 @@ class Relay:
         """A frontend's message to a comm a remote kernel opened: to that kernel if it
         runs, else a comm_close back (its widget is no longer connected), never to the
         local kernel. False if the comm is not a remote kernel's."""
-        content = parent.get("content") or {}
-        comm_id = content.get("comm_id")
-        conn = self.comm_kernel(comm_id)
-        if conn is None:
+        comm_id = (parent.get("content") or {}).get("comm_id")
+        entry = self.comms.get(comm_id) if isinstance(comm_id, str) else None
+        if entry is None:
             return False
+        conn = entry[0]()
         closing = parent["header"]["msg_type"] == "comm_close"
-        if conn:
+        if conn is not None and not conn.closed:
             self.to_comm_kernel(conn, frames, i)
-        elif not closing:
-            self.session.send(self.iopub, "comm_close", {"comm_id": comm_id, "data": {}}, parent, ident=topic)
-        if closing or not conn:
-            self.comms.pop(comm_id, None)
+            if closing:
+                del self.comms[comm_id]
+            return True
+        del self.comms[comm_id]
+        if not closing:
+            closed = {"comm_id": comm_id, "data": {}}
+            self.session.send(self.iopub, "comm_close", closed, parent, ident=topic)
         return True
 
     def add_comms(self, request: dict, frames: Frames) -> Frames:

@@ -137,7 +137,9 @@ def test_a_progress_bar_of_a_released_kernel_says_nothing(link_remote, remote):
     assert shown.status == "ok" and shown.stdout == "trained\n"
     assert any(m["msg_type"] == "comm_open" for m in shown.outputs)
     assert "no longer connected" not in shown.stderr, shown.stderr
-    two = link_remote.run(f"# link: {remote}\nimport ipywidgets as w\nw.VBox([w.IntSlider(), w.Dropdown(options=[1, 2])])")
+    two = link_remote.run(
+        f"# link: {remote}\nimport ipywidgets as w\nw.VBox([w.IntSlider(), w.Dropdown(options=[1, 2])])"
+    )
     assert "this cell's 2 widgets are no longer connected" in two.stderr, two.stderr
 
 
