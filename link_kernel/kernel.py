@@ -6,7 +6,8 @@ runs nothing itself. Each request goes to a backend:
 - execute_request: to the target the cell's first line names (see
   :mod:`link_kernel.routing`), or to the notebook's default target;
 - complete, inspect, is_complete, history, comm_*: to the local kernel, which
-  holds the notebook's namespace;
+  holds the notebook's namespace; a comm message to the kernel that opened the
+  comm (a kept remote kernel's widget; see :meth:`Relay.on_frontend_comm`);
 - kernel_info, connect, interrupt, shutdown: answered by the router.
 
 Handlers are named after the message types they handle. Status is the
@@ -176,6 +177,7 @@ class LinkKernel(Kernel):
         self._recording: ExecuteRequest | None = None
         self._in_cell = False
         self._interrupt_waiting = False
+        self._cell_started = time.perf_counter()
         self._started: asyncio.Task | None = None
         self._closing = False
         self.last_cell: dict[str, Any] = {}
@@ -188,7 +190,8 @@ class LinkKernel(Kernel):
         self.io_loop.add_callback(self._start_backends)
 
     async def _start_backends(self) -> None:
-        self._started = asyncio.ensure_future(self.local.start())
+        if self._started is None:  # a request that came first may have started it
+            self._started = asyncio.ensure_future(self.local.start())
         try:
             await self._started
         except Exception:
@@ -205,6 +208,20 @@ class LinkKernel(Kernel):
         except LinkError:
             self._started = asyncio.ensure_future(self.local.start())
             await self._started
+
+    async def _started_once(self) -> bool:
+        """Wait for the local kernel's start under way (not a restart); True if it runs.
+
+        A request to the local kernel before its start finished would reach a
+        kernel without Link's agent, which drops what it cannot handle: no reply.
+        """
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.local.start())
+        try:
+            await asyncio.shield(self._started)
+        except Exception:
+            return False
+        return self.local.alive
 
     def on_stdin_frames(self, frames: list) -> None:
         """The frontend's stdin socket: input replies go to the kernel that asked."""
@@ -360,13 +377,19 @@ class LinkKernel(Kernel):
         try:
             await self._ready()
             reply = await self.local.forward(frames, i, parent["header"]["msg_id"], "shell")
-        except LinkError as err:
+        except Exception as exc:
+            err = exc
+            if not isinstance(exc, LinkError):
+                self.log.exception("%s failed inside the router", msg_type)
+                err = LinkError(f"internal error in the Link router: {exc!r}")
             reply_type = msg_type.replace("_request", "_reply")
             content = {"status": "error", **error_content(err)}
             self.session.send(stream, reply_type, content, parent, ident=ident)
             return
         if msg_type == "history_request":
             reply = self._fix_history(parent["content"], reply)
+        elif msg_type == "comm_info_request":
+            reply = self.relay.add_comms(parent["content"], reply)
         stream.send_multipart([*ident, *reply], copy=False)
 
     complete_request = inspect_request = is_complete_request = relay_to_local
@@ -376,10 +399,12 @@ class LinkKernel(Kernel):
         """Comm messages have no reply; the kernel may handle them mid-cell."""
         frames, i = self._take_raw(parent)
         try:
+            if self.relay.on_frontend_comm(frames, i, parent, self._topic("comm_close")):
+                return
             await self._ready()
             self.local.forward_nowait(frames, i)
-        except LinkError as err:
-            self.log.warning("comm message dropped: %s", err)
+        except Exception as err:
+            self.log.warning("comm message dropped: %r", err)
 
     comm_open = comm_msg = comm_close = relay_comm
 
@@ -413,7 +438,7 @@ class LinkKernel(Kernel):
         self.relay.shell_idents = ident
         self.relay.begin_cell(parent["header"]["msg_id"])
         self._in_cell, self._interrupt_waiting = True, False
-        started = time.perf_counter()
+        started = self._cell_started = time.perf_counter()
         try:
             reply = await self._execute(parent, frames, i, ident, code, silent, store)
         except LinkError as err:
@@ -536,8 +561,9 @@ class LinkKernel(Kernel):
             for note in backend.notes:
                 self._note(request.msg, note)
             backend.notes.clear()
+            self._say_widgets_gone(request.msg, backend.name)
         reply.content["execution_count"] = request.execution_count
-        link = {"target": backend.name, **backend.last}
+        link = {"target": backend.name, **backend.last, "seconds": self._cell_seconds()}
         reply.metadata = {**reply.metadata, "link": link}
         if self.show_target:
             self._target_note(request.msg, link)
@@ -550,7 +576,7 @@ class LinkKernel(Kernel):
         where each remote cell ran (the routing comment says where it was
         meant to run; a fallback or a default can differ).
         """
-        seconds = sum(v for k, v in link.get("timings", {}).items() if not k.startswith("host "))
+        seconds = link["seconds"]
         moved = link.get("sent", 0) + link.get("received", 0)
         text = f"ran on {link['target']} in {seconds:.2f} s"
         if moved:
@@ -570,6 +596,24 @@ class LinkKernel(Kernel):
             parent,
             ident=self._topic("display_data"),
         )
+
+    def _say_widgets_gone(self, parent: dict, host: str) -> None:
+        """Once, under a cell whose kernel ended: its widgets are not connected now."""
+        dead = self.relay.dead_inputs(parent["header"]["msg_id"])
+        if dead:
+            what = "widget is" if len(dead) == 1 else f"{len(dead)} widgets are"
+            self._note(
+                parent,
+                f"[link] this cell's {what} no longer connected: {host}'s kernel was released "
+                f"after the cell. Run it with '# link: {host} keep' to keep its widgets live.\n",
+            )
+
+    def _cell_seconds(self) -> float:
+        """How long the user has waited for the cell being served: from the router
+        taking its request up to now (its reply goes out next). The timings of a
+        cell's steps do not add up to it: steps overlap, and work done before the
+        request (a standby's boot) or after the reply is not the cell's."""
+        return round(time.perf_counter() - self._cell_started, 3)
 
     def _note(self, parent: dict, text: str) -> None:
         self.session.send(
@@ -669,7 +713,7 @@ class LinkKernel(Kernel):
         self._recording = None
         if recorded:
             self.execution_count = count
-        elif store and not silent and self.local.alive:
+        elif store and not silent and await self._started_once():
             try:
                 await self.local.record(code)
                 self.execution_count = count

@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,25 @@ from jupyter_client.session import DELIM, Session
 from .connection import Frames, KernelConnection, _bytes
 
 log = logging.getLogger(__name__)
+
+#: Widget models that only show something: a frontend works them without their
+#: kernel (a finished progress bar, a layout, a tab). The others take input.
+DISPLAY_ONLY_MODELS = frozenset(
+    {
+        "LayoutModel", "StyleModel", "WidgetModel", "DOMWidgetModel",
+        "BoxModel", "HBoxModel", "VBoxModel", "GridBoxModel", "AccordionModel", "TabModel",
+        "StackModel", "HTMLModel", "HTMLMathModel", "LabelModel", "ImageModel", "AudioModel",
+        "VideoModel", "IntProgressModel", "FloatProgressModel", "ValidModel", "OutputModel",
+    }
+)
+
+
+def takes_input(open_content: dict) -> bool:
+    """Whether the widget a comm_open creates sends the user's input to its kernel."""
+    data = open_content.get("data")
+    state = data.get("state") if isinstance(data, dict) else None
+    name = state.get("_model_name", "") if isinstance(state, dict) else ""
+    return bool(name) and name not in DISPLAY_ONLY_MODELS and not name.endswith("StyleModel")
 
 
 class Relay:
@@ -55,6 +75,10 @@ class Relay:
         self._cut = 0
         self._spill: Any = None
         self.spill_path: Path | None = None
+        #: Comms that remote kernels opened: comm_id -> (kernel, target_name, opening
+        #: msg_id, whether it takes input). The kernel is held weakly: an ended
+        #: kernel's connection (and the cell it holds) is not kept for its comms.
+        self.comms: dict[str, tuple[weakref.ref, str, str, bool]] = {}
 
     def begin_cell(self, msg_id: str) -> None:
         """Start counting the stream output of the cell ``msg_id``."""
@@ -126,6 +150,8 @@ class Relay:
             return relay_raw
 
         def relay_resigned(frames: Frames, i: int, msg_type: str, parent: str) -> None:
+            if msg_type in ("comm_open", "comm_close"):
+                self._track_comm(conn, frames, i, msg_type, parent)
             if msg_type in self.drop:
                 return
             if msg_type == "stream" and self._over_budget(frames, i, parent):
@@ -135,6 +161,92 @@ class Relay:
                 self.iopub.send_multipart([*frames[:i], *out], copy=False)
 
         return relay_resigned
+
+    # -- comms of remote kernels (widgets) ----------------------------------------------
+
+    def _track_comm(
+        self, conn: KernelConnection, frames: Frames, i: int, msg_type: str, parent: str
+    ) -> None:
+        """A remote kernel opened or closed a comm: remember whose it is."""
+        try:
+            content = json.loads(_bytes(frames[i + 5]))
+            comm_id = content["comm_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if msg_type == "comm_open":
+            target = content.get("target_name", "")
+            self.comms[comm_id] = (weakref.ref(conn), target, parent, takes_input(content))
+        else:
+            self.comms.pop(comm_id, None)
+
+    def _ended(self, ref: weakref.ref) -> bool:
+        conn = ref()
+        return conn is None or conn.closed
+
+    def live_comms(self, target_name: str | None = None) -> dict[str, dict[str, str]]:
+        """comm_info's entries for the comms of remote kernels still running."""
+        return {
+            comm_id: {"target_name": target}
+            for comm_id, (ref, target, _, _) in self.comms.items()
+            if not self._ended(ref) and (target_name is None or target == target_name)
+        }
+
+    def dead_inputs(self, parent: str) -> list[str]:
+        """The widgets taking input that ``parent`` opened in a kernel that has ended.
+        Their comms stay known until the frontend is told (:meth:`on_frontend_comm`)."""
+        return [
+            comm_id
+            for comm_id, (ref, _, opened_by, takes) in self.comms.items()
+            if takes and opened_by == parent and self._ended(ref)
+        ]
+
+    def to_comm_kernel(self, conn: KernelConnection, frames: Frames, i: int) -> bool:
+        """Pass a frontend's comm message (frames from ``i``, the DELIM) to the remote
+        kernel whose comm it is, signed with that kernel's key. False if it is forged."""
+        parts = [_bytes(f) for f in frames[i + 2 : i + 6]]
+        if self.session.auth is not None and not hmac.compare_digest(
+            self.session.sign(parts), _bytes(frames[i + 1])
+        ):
+            log.warning("dropped a comm message with a bad signature")
+            return False
+        if self._same_key(conn):
+            conn.send_raw(list(frames[i:]))
+        else:
+            conn.send_raw([DELIM, conn.session.sign(parts), *parts, *frames[i + 6 :]])
+        return True
+
+    def on_frontend_comm(self, frames: Frames, i: int, parent: dict, topic: bytes) -> bool:
+        """A frontend's message to a comm a remote kernel opened: to that kernel if it
+        runs, else a comm_close back (its widget is no longer connected), never to the
+        local kernel. False if the comm is not a remote kernel's."""
+        comm_id = (parent.get("content") or {}).get("comm_id")
+        entry = self.comms.get(comm_id) if isinstance(comm_id, str) else None
+        if entry is None:
+            return False
+        conn = entry[0]()
+        closing = parent["header"]["msg_type"] == "comm_close"
+        if conn is not None and not conn.closed:
+            self.to_comm_kernel(conn, frames, i)
+            if closing:
+                del self.comms[comm_id]
+            return True
+        del self.comms[comm_id]
+        if not closing:
+            closed = {"comm_id": comm_id, "data": {}}
+            self.session.send(self.iopub, "comm_close", closed, parent, ident=topic)
+        return True
+
+    def add_comms(self, request: dict, frames: Frames) -> Frames:
+        """The local kernel's comm_info_reply (frames from DELIM on), with the comms of
+        the remote kernels still running (a kept kernel's widgets)."""
+        remote = self.live_comms(request.get("target_name"))
+        content = json.loads(_bytes(frames[5]))
+        if not remote or content.get("status") != "ok":
+            return frames
+        content["comms"] = {**content.get("comms", {}), **remote}
+        parts = [_bytes(f) for f in frames[2:5]]
+        parts.append(self.session.pack(content))
+        return [frames[0], self.session.sign(parts), *parts, *frames[6:]]
 
     def reply_frames(self, conn: KernelConnection, frames: Frames) -> list | None:
         """A kernel's reply (frames from DELIM on), ready for the frontend's idents."""

@@ -117,6 +117,8 @@ class LocalBackend(Backend):
         self.died: KernelDiedError | None = None
         self.death_reported = False
         self.generation = 0
+        #: The agent is in: the kernel serves link_record_request (before, it drops it).
+        self.agent_ready = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class LocalBackend(Backend):
         self.conn = conn
         self.died = None
         self.death_reported = False
+        self.agent_ready = False
         self._watch = asyncio.create_task(self._watch_process(km, conn))
         reply = await conn.wait_ready(self.start_timeout)
         self.kernel_info = reply["content"]
@@ -172,6 +175,7 @@ class LocalBackend(Backend):
             {"session": "get_ipython().history_manager.session_number"},
         )
         self.session_number = int(result["session"])
+        self.agent_ready = True
         self._warming = asyncio.ensure_future(self.call("__import__('__link_agent__').warm()"))
 
     async def shutdown(self, *, restart: bool = False) -> None:
@@ -300,6 +304,8 @@ class LocalBackend(Backend):
     async def record(self, code: str) -> None:
         """Put a cell the router handled into the local kernel's history (the agent's
         ``link_record_request``: no IPython cell machinery for it)."""
+        if not self.agent_ready:  # a kernel without the agent would never answer
+            raise KernelStartError("the local kernel is still starting: the cell is not in its history")
         reply = await self._conn().request("link_record_request", {"code": code})
         content = reply["content"]
         if content.get("status") != "ok":
