@@ -898,7 +898,7 @@ def _state_entry(value, algo: str) -> dict:
     return {"id": blob_id, "inline": base64.b64encode(b"".join(bytes(p) for p in parts)).decode()}
 
 
-def capture_state(shell, algo: str) -> dict:
+def capture_state(shell, algo: str, first=()) -> dict:
     """The local kernel's module state, as sections to restore on a host.
 
     Only what differs from a fresh kernel: the environment and sys.path as changes
@@ -924,7 +924,7 @@ def capture_state(shell, algo: str) -> dict:
             sections[name] = _state_entry(value, algo)
         except Exception as exc:  # a filter's warning class that will not pickle, say
             errors[name] = _reason(exc)
-    return {"sections": sections, "errors": errors, "modules": notebook_modules(shell)}
+    return {"sections": sections, "errors": errors, "modules": notebook_modules(shell, first)}
 
 
 def restore_state(shell, sections: dict) -> list:
@@ -1066,14 +1066,19 @@ def _when_imported(module: str, callback, now: bool = True) -> None:
 NOTEBOOK_MODULES_MAX = 64
 
 
-def notebook_modules(shell) -> list:
+def notebook_modules(shell, first=()) -> list:
     """The installed modules the notebook uses: those bound in its namespace and those
     of the classes, functions and values bound there (``from sklearn.linear_model
     import LinearRegression``: sklearn.linear_model). The notebook's own modules (under
-    its folder) are left out: importing them ahead of a cell would run the user's code."""
+    its folder) are left out: importing them ahead of a cell would run the user's code.
+    The modules of the names in ``first`` (the cell's inputs: the next cell likely
+    reads the same) come first."""
     cwd = (_BASE.get("cwd") or os.getcwd()).rstrip(os.sep) + os.sep
     found: dict = {}
-    for name, value in list(shell.user_ns.items()):
+    ns = shell.user_ns
+    names = [n for n in first if n in ns] + [n for n in list(ns) if n not in set(first)]
+    for name in names:
+        value = ns[name]
         if not _is_user_name(shell, name):
             continue
         if isinstance(value, types.ModuleType):
@@ -1096,18 +1101,44 @@ def notebook_modules(shell) -> list:
     return sorted(found)
 
 
-def preimport(modules: list) -> int:
-    """Import these modules now (a standby, ahead of the cell); return how many are in."""
+_PREIMPORT = None  # (thread, stop event) of a standby's imports
+
+
+def preimport(modules: list) -> None:
+    """Import these modules in the background (a standby, ahead of the next cell).
+
+    One after another, in a thread, so the standby is ready at once: a cell that
+    arrives meanwhile waits only for the module under way (see
+    :func:`_finish_preimport`); the rest it imports itself if it needs them.
+    """
+    global _PREIMPORT
     import importlib
 
-    count = 0
-    for module in modules:
-        try:
-            importlib.import_module(module)
-            count += 1
-        except Exception:  # not installed on this host: the cell will say so if it needs it
-            pass
-    return count
+    stop = threading.Event()
+
+    def run() -> None:
+        for module in modules:
+            if stop.is_set():
+                return
+            try:
+                importlib.import_module(module)
+            except Exception:  # not installed on this host: the cell will say so if it needs it
+                pass
+
+    thread = threading.Thread(target=run, name="link-preimport", daemon=True)
+    _PREIMPORT = (thread, stop)
+    thread.start()
+
+
+def _finish_preimport() -> None:
+    """Stop a standby's imports after the one under way, and wait for it (the cell's
+    own imports then never race them)."""
+    global _PREIMPORT
+    if _PREIMPORT is not None:
+        thread, stop = _PREIMPORT
+        _PREIMPORT = None
+        stop.set()
+        thread.join()
 
 
 STATE_REQUEST = "link_state_request"
@@ -1121,7 +1152,8 @@ def _state_handler(shell, kernel):
         request = parent["content"]
         try:
             if "capture" in request:
-                content = {"status": "ok", **capture_state(shell, request["capture"])}
+                content = {"status": "ok", **capture_state(shell, request["capture"],
+                                                           request.get("first") or ())}
             else:
                 content = {"status": "ok", "errors": restore_state(shell, request.get("restore"))}
         except Exception as exc:
@@ -1602,6 +1634,7 @@ def _wrap_execute(shell, kernel, original):
             shell.execution_count = count
         cell = Cell(shell, instructions)
         started = time.perf_counter()
+        _finish_preimport()
         try:
             cell.load()
         except KeyboardInterrupt:

@@ -409,7 +409,7 @@ class RemoteBackend(Backend):
             fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
             if self.algo is None:  # the first kernel tells which hashes the host has
                 kernel = await fresh
-        capturing = asyncio.ensure_future(self.state.capture(self.algo or "sha256"))
+        capturing = asyncio.ensure_future(self.state.capture(self.algo or "sha256", plan.reads))
         try:
             t0 = time.perf_counter()
             record = request.content["code"] if request.record else None

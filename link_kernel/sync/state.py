@@ -47,11 +47,12 @@ class StateSync:
             raise RuntimeError(f"{content.get('ename')}: {content.get('evalue')}")
         return content
 
-    async def capture(self, algo: str) -> tuple[dict[str, Any] | None, list[str]]:
+    async def capture(self, algo: str, reads: list[str] = ()) -> tuple[dict[str, Any] | None, list[str]]:
         """(the state to send, notes): None, with a note, if the local kernel could not
-        capture it (the cell still runs, with a fresh kernel's state)."""
+        capture it (the cell still runs, with a fresh kernel's state). The modules of
+        ``reads`` (the cell's inputs) come first in :attr:`modules`."""
         try:
-            content = await self._request({"capture": algo})
+            content = await self._request({"capture": algo, "first": list(reads)})
         except (LinkError, RuntimeError) as exc:
             log.warning("module state not captured: %s", exc)
             return None, [f"[link] module state not sent: {exc}\n"]
