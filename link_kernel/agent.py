@@ -1668,7 +1668,10 @@ def _wrap_execute(shell, kernel, original):
             except (Exception, KeyboardInterrupt) as exc:  # nothing comes back; the cell ran
                 content["errors"] = {"*": {"type": "", "reason": _reason(exc)}}
         if state is not None and "values" in content:  # module state comes back with the results
-            content["state"] = state.changes()
+            try:
+                content["state"] = state.changes()
+            except Exception as exc:  # the cell's variables still come back
+                content["state"] = {"sections": {}, "errors": {"*": _reason(exc)}}
         if cell.scan:  # files come back whether or not the cell succeeded
             flush_open_files()  # what the cell wrote to files it left open counts
             scan = globals().get("scan_tree")
