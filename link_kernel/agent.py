@@ -599,6 +599,571 @@ def _available_memory() -> int:
     return 1 << 62
 
 
+# -- module state: what a long-lived kernel's modules keep --------------------------------
+#
+# A notebook's kernel keeps more than its namespace: the global random generators,
+# os.environ, sys.path, warnings filters, matplotlib's rcParams (and the inline
+# backend's settings), pandas' options. A fresh remote kernel starts clean, so the
+# router carries them both ways (see :func:`capture_state`): the local kernel's are
+# restored in the remote kernel before the cell, and what the cell changed comes
+# back with its results. A section whose module is not imported on the other side
+# yet is restored the moment it is imported (:func:`_when_imported`), so torch is
+# never imported for a cell that does not use it.
+
+#: Environment variables that belong to one machine or to the kernel's own
+#: connection: never sent to a host, never brought back.
+_HOST_ENVIRON = re.compile(
+    r"(JPY|JUPYTER|IPYTHON|SSH|SLURM|SLURMD|SBATCH|SRUN|XDG|CONDA|PYDEVD|VSCODE|DBUS|"
+    r"KRB5|TMUX|WSL|PBS|LSB|OMPI|PMI|PMIX)_\w*"
+    r"|HOME|PATH|USER|USERNAME|LOGNAME|SHELL|PWD|OLDPWD|HOSTNAME|HOST|MAIL|SHLVL|_"
+    r"|TMPDIR|TEMP|TMP|TERM|TERM_PROGRAM|COLORTERM|DISPLAY|WAYLAND_DISPLAY|COLUMNS|LINES"
+    r"|VIRTUAL_ENV|PYTHONHOME|PYTHONPATH|PYTHONSTARTUP|PYTHONEXECUTABLE|PYTHONUSERBASE"
+    r"|LD_LIBRARY_PATH|LD_PRELOAD|DYLD_\w*|LIBRARY_PATH|CPATH|MANPATH|INFOPATH"
+    r"|CUDA_VISIBLE_DEVICES|NVIDIA_VISIBLE_DEVICES|ROCR_VISIBLE_DEVICES|HIP_VISIBLE_DEVICES"
+    r"|GPU_DEVICE_ORDINAL|MPLBACKEND|PAGER|GIT_PAGER|CLICOLOR|FORCE_COLOR|KERNEL_ID"
+)
+
+#: What this kernel had when the agent was installed (before any cell): the
+#: baseline that local changes are measured against.
+_BASE: dict = {}
+
+#: rcParams that belong to the kernel's display, not to the notebook's figures.
+_MPL_OWN = frozenset({"backend", "backend_fallback", "interactive"})
+
+
+def _note_baseline() -> None:
+    if not _BASE:
+        import warnings
+
+        _BASE.update(environ=dict(os.environ), path=list(sys.path), cwd=os.getcwd(),
+                     warnings=list(warnings.filters))
+
+
+def _environ_diff(before: dict) -> dict:
+    """{"set": ..., "unset": [...]}: what differs from ``before``, host variables aside."""
+    now = os.environ
+    changed = {k: v for k, v in now.items() if before.get(k) != v and not _HOST_ENVIRON.fullmatch(k)}
+    gone = sorted(k for k in before if k not in now and not _HOST_ENVIRON.fullmatch(k))
+    return {"set": changed, "unset": gone} if changed or gone else {}
+
+
+def _restore_environ(diff: dict) -> None:
+    for key, value in diff.get("set", {}).items():
+        if not _HOST_ENVIRON.fullmatch(key):
+            os.environ[key] = value
+    for key in diff.get("unset", ()):
+        if not _HOST_ENVIRON.fullmatch(key):
+            os.environ.pop(key, None)
+
+
+def _path_additions(before: list) -> list:
+    """Entries of sys.path not in ``before``: [front?, "cwd" | "abs", path]; one under the
+    notebook's folder is relative to it, so it names the same folder in the host's mirror."""
+    known = set(before)
+    first = next((i for i, p in enumerate(sys.path) if p in known), len(sys.path))
+    cwd = _BASE.get("cwd") or os.getcwd()
+    out = []
+    for i, entry in enumerate(sys.path):
+        if entry in known or not isinstance(entry, str):
+            continue
+        if os.path.isabs(entry) and (entry == cwd or entry.startswith(cwd.rstrip(os.sep) + os.sep)):
+            out.append([i < first, "cwd", os.path.relpath(entry, cwd)])
+        else:
+            out.append([i < first, "abs", entry])
+    return out
+
+
+def _restore_path(additions: list) -> None:
+    cwd = _BASE.get("cwd") or os.getcwd()
+    front = 0
+    for at_front, kind, entry in additions:
+        if kind == "cwd":
+            entry = os.path.normpath(os.path.join(cwd, entry))
+        if entry in sys.path:
+            continue
+        if at_front:
+            sys.path.insert(front, entry)
+            front += 1
+        else:
+            sys.path.append(entry)
+
+
+def _get_warnings():
+    import warnings
+
+    return list(warnings.filters)
+
+
+def _filter_additions(before: list) -> list:
+    """The warnings filters not in ``before``, in order, each as plain data:
+    [front?, action, message, module, (category module, name), lineno]. Libraries
+    add filters of their own when imported (torch, scipy, numpy): a category is sent
+    by name, and set where its module is imported, never importing it."""
+    filters = _get_warnings()
+    first = next((i for i, f in enumerate(filters) if f in before), len(filters))
+    out = []
+    for i, (action, message, category, module, lineno) in enumerate(filters):
+        if filters[i] in before:
+            continue
+        out.append([i < first, action, getattr(message, "pattern", message),
+                    getattr(module, "pattern", module),
+                    [category.__module__, category.__qualname__], lineno])
+    return out
+
+
+def _set_warnings(additions: list, shell=None) -> None:
+    import builtins
+    import warnings
+
+    front = [0]
+
+    def add(at_front, action, message, module, category, lineno) -> None:
+        owner, qualname = category
+        try:
+            if owner == "builtins":
+                cls = getattr(builtins, qualname)
+            elif owner == "__main__":
+                cls = (shell.user_ns if shell is not None else {})[qualname]
+            else:
+                cls = functools.reduce(getattr, qualname.split("."), sys.modules[owner])
+        except (KeyError, AttributeError):
+            return
+        entry = (action, re.compile(message, re.I) if message is not None else None, cls,
+                 re.compile(module) if module is not None else None, lineno)
+        if entry in warnings.filters:
+            return
+        if at_front:
+            warnings.filters.insert(min(front[0], len(warnings.filters)), entry)
+            front[0] += 1
+        else:
+            warnings.filters.append(entry)
+        mutated = getattr(warnings, "_filters_mutated", None) or getattr(
+            warnings, "_filters_mutated_lock_held", None)
+        if mutated is not None:
+            mutated()
+
+    for item in additions:
+        owner = item[4][0]
+        if owner in ("builtins", "__main__") or owner in sys.modules:
+            add(*item)
+        else:  # set once the category's module is imported
+            _when_imported(owner, functools.partial(add, *item))
+
+
+def _module(name: str):
+    """A module by name, imported if need be; one being imported (a callback of
+    :func:`_when_imported` runs inside its import) is not an attribute of its parent yet."""
+    import importlib
+
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
+
+
+def _get_random():
+    return sys.modules["random"].getstate()
+
+
+def _set_random(state) -> None:
+    _module("random").setstate(state)
+
+
+def _get_numpy():
+    return sys.modules["numpy.random"].get_state()
+
+
+def _set_numpy(state) -> None:
+    _module("numpy.random").set_state(state)
+
+
+def _get_torch():
+    return bytes(sys.modules["torch"].get_rng_state().tolist())  # the CPU generator only
+
+
+def _set_torch(state) -> None:
+    torch = _module("torch")
+    torch.set_rng_state(torch.tensor(list(state), dtype=torch.uint8))
+
+
+def _get_matplotlib():
+    """The rcParams that differ from matplotlib's defaults (read without resolving the
+    backend: reading ``backend`` would import pyplot)."""
+    mpl = sys.modules["matplotlib"]
+    rc, default = mpl.rcParams, mpl.rcParamsDefault
+    return {k: rc._get(k) for k in rc if k not in _MPL_OWN and rc._get(k) != default._get(k)}
+
+
+def _set_matplotlib(changed: dict) -> None:
+    matplotlib = _module("matplotlib")
+    rc, default = matplotlib.rcParams, matplotlib.rcParamsDefault
+    for key in _get_matplotlib():  # what the sender has at its default
+        if key not in changed:
+            rc[key] = default._get(key)
+    for key, value in changed.items():
+        try:
+            rc[key] = value
+        except (KeyError, ValueError):  # another matplotlib version: not its key, not its value
+            pass
+
+
+def _get_inline(shell=None):
+    """The inline backend's settings (figure formats, savefig options), once it has any."""
+    config = sys.modules["matplotlib_inline.config"]
+    if not config.InlineBackend.initialized():
+        return None
+    cfg = config.InlineBackend.instance()
+    return {"figure_formats": sorted(cfg.figure_formats), "rc": dict(cfg.rc),
+            "print_figure_kwargs": dict(cfg.print_figure_kwargs), "close_figures": cfg.close_figures}
+
+
+def _set_inline(settings: dict, shell=None) -> None:
+    InlineBackend = _module("matplotlib_inline.config").InlineBackend
+    values = dict(settings, figure_formats=set(settings["figure_formats"]))
+    if shell is not None:  # a backend loaded later starts from these
+        shell.config.InlineBackend.update(values)
+    cfg = InlineBackend.instance(parent=shell)
+    for key, value in values.items():
+        setattr(cfg, key, value)
+
+
+def _pandas_options():
+    config = sys.modules["pandas._config.config"]
+    return {k: o for k, o in config._registered_options.items() if k not in config._deprecated_options}
+
+
+def _get_pandas():
+    import warnings
+
+    get = sys.modules["pandas"].get_option
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {k: get(k) for k, o in _pandas_options().items() if _differs(get(k), o.defval)}
+
+
+def _differs(a, b) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:
+        return True
+
+
+def _set_pandas(options: dict) -> None:
+    import warnings
+
+    pandas = _module("pandas")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        registered = _pandas_options()
+        for key in _get_pandas():
+            if key not in options:
+                pandas.reset_option(key)
+        for key, value in options.items():
+            if key in registered:
+                try:
+                    pandas.set_option(key, value)
+                except (KeyError, ValueError, TypeError):
+                    pass
+
+
+#: section -> (the module it lives in, read it, set it). A section is read only
+#: where its module is imported, and set the moment its module is.
+_MODULE_STATE = {
+    "random": ("random", _get_random, _set_random),
+    "numpy": ("numpy.random", _get_numpy, _set_numpy),
+    "torch": ("torch", _get_torch, _set_torch),
+    "matplotlib": ("matplotlib", _get_matplotlib, _set_matplotlib),
+    "inline": ("matplotlib_inline.config", _get_inline, _set_inline),
+    "pandas": ("pandas", _get_pandas, _set_pandas),
+}
+
+
+def _module_state() -> dict:
+    """section -> value, for the sections whose module is imported here."""
+    out = {}
+    for section, (module, get, _) in _MODULE_STATE.items():
+        if module in sys.modules:
+            try:
+                value = get()
+            except Exception:  # half imported, or an unknown version: not carried
+                continue
+            if value is not None and (value != {} or section in ("matplotlib", "pandas")):
+                out[section] = value
+    return out
+
+
+def _state_entry(value, algo: str) -> dict:
+    """A state section as an inline manifest entry, named by its content hash."""
+    import base64
+
+    blob_id, parts = blob_of(value, algo)
+    return {"id": blob_id, "inline": base64.b64encode(b"".join(bytes(p) for p in parts)).decode()}
+
+
+def capture_state(shell, algo: str, first=()) -> dict:
+    """The local kernel's module state, as sections to restore on a host.
+
+    Only what differs from a fresh kernel: the environment and sys.path as changes
+    since this kernel started (host variables such as HOME, PATH and JPY_* aside),
+    warnings filters if they changed, rcParams and pandas options that differ from
+    their defaults (for the modules imported here); the generators always, for
+    the modules imported here. Also the modules the notebook uses (a standby
+    imports them ahead of the next cell).
+    """
+    values = {k: v for k, v in _module_state().items() if v != {}}
+    environ = _environ_diff(_BASE.get("environ", {}))
+    if environ:
+        values["environ"] = environ
+    path = _path_additions(_BASE.get("path", sys.path))
+    if path:
+        values["path"] = path
+    filters = _filter_additions(_BASE.get("warnings", _get_warnings()))
+    if filters:
+        values["warnings"] = filters
+    sections, errors = {}, {}
+    for name, value in values.items():
+        try:
+            sections[name] = _state_entry(value, algo)
+        except Exception as exc:  # a filter's warning class that will not pickle, say
+            errors[name] = _reason(exc)
+    return {"sections": sections, "errors": errors, "modules": notebook_modules(shell, first)}
+
+
+def restore_state(shell, sections: dict) -> list:
+    """Set the state sections (from :func:`capture_state` or :meth:`CellState.changes`);
+    return what could not be set, as "section: reason" lines."""
+    failures = []
+    for name, entry in (sections or {}).items():
+        try:
+            value = load_entry("", entry)
+            if name == "environ":
+                _restore_environ(value)
+            elif name == "path":
+                _restore_path(value)
+            elif name == "warnings":
+                _set_warnings(value, shell)
+            elif name in _MODULE_STATE:
+                module, _, put = _MODULE_STATE[name]
+                setter = (lambda v, put=put: put(v, shell)) if name == "inline" else put
+                _when_imported(module, functools.partial(setter, value))
+                if name == "matplotlib":  # an older inline backend sets its rc when it loads
+                    _when_imported("matplotlib_inline.backend_inline",
+                                   functools.partial(setter, value), now=False)
+        except Exception as exc:
+            failures.append(f"{name}: {_reason(exc)}")
+    return failures
+
+
+class CellState:
+    """The module state around one remote cell: restored before it, its changes after."""
+
+    def __init__(self, shell, instructions) -> None:
+        self.shell = shell
+        self.algo = instructions.get("algo") or algorithms()[0]
+        sent = instructions.get("state") or {}
+        self.errors = restore_state(shell, sent.get("sections"))
+        self.environ = dict(os.environ)
+        self.path = list(sys.path)
+        self.warnings = _get_warnings()
+        #: section -> id before the cell; a section still waiting for its import has
+        #: the id of what it will be set to
+        self.ids = {k: v["id"] for k, v in (sent.get("sections") or {}).items()}
+        for name, value in _module_state().items():
+            try:
+                self.ids[name] = _state_entry(value, self.algo)["id"]
+            except Exception:
+                pass
+
+    def changes(self) -> dict:
+        """What the cell changed: the sections to restore in the local kernel."""
+        sections, errors = {}, {}
+        values = _module_state()
+        environ = _environ_diff(self.environ)
+        if environ:
+            values["environ"] = environ
+        path = _path_additions(self.path)
+        if path:
+            values["path"] = path
+        filters = _filter_additions(self.warnings)
+        if filters:
+            values["warnings"] = filters
+        for name, value in values.items():
+            try:
+                entry = _state_entry(value, self.algo)
+            except Exception as exc:
+                errors[name] = _reason(exc)
+                continue
+            if entry["id"] != self.ids.get(name) and (value != {} or name in self.ids):
+                sections[name] = entry
+        errors.update(dict(e.split(": ", 1) for e in self.errors if ": " in e))
+        return {"sections": sections, "errors": errors}
+
+
+class _ThenLoader:
+    """A module's loader, and callbacks to run once the module is executed."""
+
+    def __init__(self, loader, callbacks: list) -> None:
+        self._loader = loader
+        self._callbacks = callbacks
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        spec = getattr(module, "__spec__", None)
+        if spec is not None:
+            spec.loader = self._loader  # the module sees its own loader
+        module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                pass
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _ImportWatch:
+    """A meta path finder that wraps the loader of the modules it waits for."""
+
+    def __init__(self) -> None:
+        self.pending: dict = {}
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenLoader(spec.loader, self.pending.pop(name))
+        return spec
+
+
+_WATCH = None
+
+
+def _when_imported(module: str, callback, now: bool = True) -> None:
+    """Run ``callback`` now if ``module`` is imported (and ``now``), else once it is."""
+    global _WATCH
+    if module in sys.modules:
+        if now:
+            callback()
+        return
+    if _WATCH is None:
+        _WATCH = _ImportWatch()
+    if _WATCH not in sys.meta_path:
+        sys.meta_path.insert(0, _WATCH)
+    _WATCH.pending.setdefault(module, []).append(callback)
+
+
+#: How many modules a standby imports ahead of a cell, at most.
+NOTEBOOK_MODULES_MAX = 64
+
+
+def notebook_modules(shell, first=()) -> list:
+    """The installed modules the notebook uses: those bound in its namespace and those
+    of the classes, functions and values bound there (``from sklearn.linear_model
+    import LinearRegression``: sklearn.linear_model). The notebook's own modules (under
+    its folder) are left out: importing them ahead of a cell would run the user's code.
+    The modules of the names in ``first`` (the cell's inputs: the next cell likely
+    reads the same) come first."""
+    cwd = (_BASE.get("cwd") or os.getcwd()).rstrip(os.sep) + os.sep
+    found: dict = {}
+    ns = shell.user_ns
+    names = [n for n in first if n in ns] + [n for n in list(ns) if n not in set(first)]
+    for name in names:
+        value = ns[name]
+        if not _is_user_name(shell, name):
+            continue
+        if isinstance(value, types.ModuleType):
+            module = value.__name__
+        elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+            module = getattr(value, "__module__", None)
+        else:
+            module = type(value).__module__
+        if not isinstance(module, str) or module in found or module in ("__main__", "builtins"):
+            continue
+        top = sys.modules.get(module.partition(".")[0])
+        if module not in sys.modules or top is None:
+            continue
+        origin = getattr(top, "__file__", None) or ""
+        if origin.startswith(cwd) or not origin:  # the notebook's own, or built in
+            continue
+        found[module] = None
+        if len(found) >= NOTEBOOK_MODULES_MAX:
+            break
+    return sorted(found)
+
+
+_PREIMPORT = None  # (thread, stop event) of a standby's imports
+
+
+def preimport(modules: list) -> None:
+    """Import these modules in the background (a standby, ahead of the next cell).
+
+    One after another, in a thread, so the standby is ready at once: a cell that
+    arrives meanwhile waits only for the module under way (see
+    :func:`_finish_preimport`); the rest it imports itself if it needs them.
+    """
+    global _PREIMPORT
+    import importlib
+
+    stop = threading.Event()
+
+    def run() -> None:
+        for module in modules:
+            if stop.is_set():
+                return
+            try:
+                importlib.import_module(module)
+            except Exception:  # not installed on this host: the cell will say so if it needs it
+                pass
+
+    thread = threading.Thread(target=run, name="link-preimport", daemon=True)
+    _PREIMPORT = (thread, stop)
+    thread.start()
+
+
+def _finish_preimport() -> None:
+    """Stop a standby's imports after the one under way, and wait for it (the cell's
+    own imports then never race them)."""
+    global _PREIMPORT
+    if _PREIMPORT is not None:
+        thread, stop = _PREIMPORT
+        _PREIMPORT = None
+        stop.set()
+        thread.join()
+
+
+STATE_REQUEST = "link_state_request"
+
+
+def _state_handler(shell, kernel):
+    """Serve ``link_state_request``: {"capture": ALGO} (:func:`capture_state`) or
+    {"restore": SECTIONS} (:func:`restore_state`), without IPython's cell machinery."""
+
+    async def link_state_request(stream, ident, parent):
+        request = parent["content"]
+        try:
+            if "capture" in request:
+                content = {"status": "ok", **capture_state(shell, request["capture"],
+                                                           request.get("first") or ())}
+            else:
+                content = {"status": "ok", "errors": restore_state(shell, request.get("restore"))}
+        except Exception as exc:
+            content = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc),
+                       "traceback": []}
+        kernel.session.send(stream, "link_state_reply", content, parent, ident=ident)
+
+    return link_state_request
+
+
 def _load(blob_id: str, view: memoryview, check: bool = True):
     algo, _, digest = blob_id.partition("-")
     if check:
@@ -888,6 +1453,7 @@ def install(shell, wrap: bool = True) -> None:
     module = sys.modules.get(__name__)
     if module is not None:
         sys.modules[NAME] = module
+    _note_baseline()
 
     def link(line: str) -> None:
         """Handled by the Link router; a no-op inside a kernel."""
@@ -900,6 +1466,8 @@ def install(shell, wrap: bool = True) -> None:
         _lean_exit(shell, kernel)
     elif handlers is not None:
         handlers[RECORD_REQUEST] = _record_handler(shell, kernel)
+    if handlers is not None:
+        handlers[STATE_REQUEST] = _state_handler(shell, kernel)
 
 
 #: The router's request to the local kernel to record a cell that ran elsewhere.
@@ -1066,6 +1634,7 @@ def _wrap_execute(shell, kernel, original):
             shell.execution_count = count
         cell = Cell(shell, instructions)
         started = time.perf_counter()
+        _finish_preimport()
         try:
             cell.load()
         except KeyboardInterrupt:
@@ -1075,6 +1644,7 @@ def _wrap_execute(shell, kernel, original):
         except Exception as exc:
             _refuse(shell, kernel, stream, ident, parent, exc)
             return None
+        state = CellState(shell, instructions) if "state" in instructions else None
         loaded = time.perf_counter() - started
         replying = _ReplyCopy(stream)
         result = None
@@ -1097,6 +1667,11 @@ def _wrap_execute(shell, kernel, original):
                 content.update(cell.result())
             except (Exception, KeyboardInterrupt) as exc:  # nothing comes back; the cell ran
                 content["errors"] = {"*": {"type": "", "reason": _reason(exc)}}
+        if state is not None and "values" in content:  # module state comes back with the results
+            try:
+                content["state"] = state.changes()
+            except Exception as exc:  # the cell's variables still come back
+                content["state"] = {"sections": {}, "errors": {"*": _reason(exc)}}
         if cell.scan:  # files come back whether or not the cell succeeded
             flush_open_files()  # what the cell wrote to files it left open counts
             scan = globals().get("scan_tree")

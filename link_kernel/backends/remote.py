@@ -54,6 +54,7 @@ from ..relay import Relay
 from ..slurm import SlurmCommands, SlurmLaunch, find_commands
 from ..slurm import resources as slurm_resources
 from ..sync.files import FileSync, Journal, SyncReport
+from ..sync.state import StateSync
 from ..sync.variables import Inputs, Outputs, Plan, VariableSync, default_store, format_size
 from ..transports import Transport
 from ..transports.factory import make_transport
@@ -160,6 +161,10 @@ class RemoteBackend(Backend):
         #: Shows a line in the running cell's output at once (set by the router).
         self.say: Callable[[str], None] = lambda text: None
         self._slurm: SlurmCommands | None = None
+        #: Module state: the cell's, sent to the host; what the cell changed, to restore.
+        self.state = StateSync(sync.local)
+        self._state_out: dict[str, Any] | None = None
+        self._state_back: dict[str, Any] | None = None
 
     # -- reaching the host ------------------------------------------------------------
 
@@ -404,6 +409,7 @@ class RemoteBackend(Backend):
             fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
             if self.algo is None:  # the first kernel tells which hashes the host has
                 kernel = await fresh
+        capturing = asyncio.ensure_future(self.state.capture(self.algo or "sha256", plan.reads))
         try:
             t0 = time.perf_counter()
             record = request.content["code"] if request.record else None
@@ -414,6 +420,8 @@ class RemoteBackend(Backend):
                 inputs = Inputs()
                 self._recording = asyncio.ensure_future(self.sync.local.record(record))
             await self._push(inputs)
+            self._state_out, notes = await capturing
+            self.notes += notes
             timings["inputs"] = time.perf_counter() - t0
             if request.route.files and self.journal is not None:
                 t1 = time.perf_counter()
@@ -422,6 +430,7 @@ class RemoteBackend(Backend):
             if fresh is not None:
                 kernel = await fresh
         except BaseException:
+            capturing.cancel()
             if fresh is None:
                 self.kept = kernel  # a kept kernel stays kept
             else:
@@ -483,6 +492,8 @@ class RemoteBackend(Backend):
         kernel = await self.start_kernel({}, self.host.kernel)
         agent = "__import__('__link_agent__')"
         code = f"{agent}.warm()\n"
+        if self.state.modules:  # the notebook's modules, imported before its next cell
+            code += f"{agent}.preimport({self.state.modules!r})\n"
         budget = int(self.host.standby_data * 2**30)
         if self._last_blobs and budget > 0:
             store = self._transport().blob_dir
@@ -605,6 +616,8 @@ class RemoteBackend(Backend):
         link = {"count": request.execution_count, "release": release}
         transport = self._transport()
         link.update(self.sync.instructions(inputs, plan, transport.blob_dir, self.algo))
+        if self._state_out is not None:
+            link["state"], self._state_back = self._state_out, None
         if request.route.files and self.journal is not None:
             link["scan"] = {
                 "root": transport.workdir,
@@ -626,6 +639,7 @@ class RemoteBackend(Backend):
         reply = await self._finished(conn, pending, result)
         timings["run"] = time.perf_counter() - t0
         outputs = Outputs.from_content(result.result()) if result.done() else None
+        self._state_back = result.result().get("state") if result.done() else None
         if outputs is not None:
             timings.update({f"host {k}": v for k, v in outputs.timings.items()})
             if outputs.ready:
@@ -702,6 +716,7 @@ class RemoteBackend(Backend):
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        self.notes += await self.state.restore(self._state_back, self.name)  # after the results
 
     async def _bring_back_variables(self, outputs: Outputs) -> None:
         """Pull the outputs' blobs, then apply them locally all at once."""
