@@ -1043,7 +1043,8 @@ def _merge(local, new, m) -> None:
             local.copy_(new)
         if local.is_leaf:
             local.requires_grad_(new.requires_grad)
-            local.grad = m(new.grad) if new.grad is not None else None
+            if new.grad is not None:  # (a pickled tensor has none: the local one's stays)
+                local.grad = m(new.grad)
         return
     if pandas is not None and isinstance(local, (pandas.DataFrame, pandas.Series)):
         local._update_inplace(new)
