@@ -8,10 +8,13 @@ host and back. On process and ssh hosts.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 from kernel_client import start_client
+from test_faults import LOST, _watch_for, link_faults, proxied  # noqa: F401 (fixtures)
 from test_variables import digest
 
 
@@ -190,3 +193,25 @@ def test_a_model_and_its_optimizer_trained_remotely_match_plain_ipykernel(link_r
     assert link_remote.run(TRAINED).result == expected
     linked = "all(p is q for p, q in zip(optimizer.param_groups[0]['params'], net.parameters()))"
     assert link_remote.run(f"({linked}, net is model)").result == "(True, True)"
+
+
+def test_results_of_a_cell_that_raised_lost_on_the_way_back_change_nothing(link_faults, proxied):
+    """The cell raised after binding a big value; the link breaks while it comes back:
+    nothing of it is applied, and the error says the namespace is as it was."""
+    link_faults.run("result_out = 'old'\nsmall_out = 'old'")
+    before = digest(link_faults)
+    store = Path(os.environ["XDG_CACHE_HOME"]) / "link-kernel" / "blobs"
+    watcher = _watch_for(store, ".part", lambda: (proxied.blackhole(), proxied.reset()))
+    result = link_faults.run(
+        "# link: flaky\nimport numpy as np\nsmall_out = 'new'\n"
+        "result_out = np.random.default_rng(3).random(30_000_000)\nraise RuntimeError('after binding')",
+        timeout=120,
+    )
+    watcher.join()
+    assert result.status == "error", result.text
+    errors = result.of_type("error")
+    assert errors[0]["content"]["ename"] == "RuntimeError"  # the cell's own traceback first
+    assert result.error["ename"] in LOST
+    assert "local namespace is unchanged" in "".join(result.error["traceback"])
+    assert digest(link_faults) == before
+    proxied.forward()
