@@ -752,22 +752,19 @@ def _describe_all(values: dict, algo: str, store: str, origin: dict = None,
         for name, value in ok.items():
             errors[name] = {"type": _type_name(value), "reason": _reason(exc)}
         return {}, errors
-    entries, described = {}, {}
-    members: dict = {}
-    for name, (blob_id, _, index, _) in blobs.items():
-        if index is not None:
-            members.setdefault(blob_id, []).append(name)
-    for name, (blob_id, parts, index, memo) in blobs.items():
+    entries, described, found_in = {}, {}, {}
+    for name, (blob_id, parts, index, memo, names) in blobs.items():
         if blob_id not in described:
-            value = ok[name] if index is None else tuple(ok[n] for n in members[blob_id])
+            value = ok[name] if index is None else tuple(ok[n] for n in names)
             described[blob_id] = describe(value, blob_id, parts, store)
-            if origin:
-                found = _origins(memo, origin)
-                if found:
-                    described[blob_id]["origins"] = found
-            _last_memos[blob_id] = memo
+        _last_memos[names[0]] = memo
         entry = dict(described[blob_id], type=_type_name(ok[name]))
-        entry.update(_group_fields(members.get(blob_id, []), index))
+        entry.update(_group_fields(names, index))
+        if origin and names[0] not in found_in:
+            found_in[names[0]] = _origins(memo, origin)
+        found = found_in.get(names[0])
+        if found:
+            entry["origins"] = found
         entries[name] = entry
     return entries, errors
 
@@ -791,7 +788,7 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
     loader = _Loader(store, memos=bool(_EXPORTED))
     for name, entry in values.items():
         try:
-            loaded[name] = loader.load(entry)
+            loaded[name] = loader.load(name, entry)
         except Exception as exc:
             failures.append({"name": name, "reason": _reason(exc)})
     try:  # the objects that came from the local ones are changed in place
@@ -906,7 +903,7 @@ def _tracked_blob(value, algo: str) -> tuple:
 
 
 def blobs_of(values: dict, algo: str, done: dict = None) -> dict:
-    """{name: (blob id, parts, index in the group or None, {index: object})}.
+    """{name: (blob id, parts, index in the group or None, {index: object}, the group's names)}.
 
     Each value is pickled alone; values whose pickles share pairable objects
     are pickled again together, as the tuple of their values, in one group blob.
@@ -943,11 +940,11 @@ def blobs_of(values: dict, algo: str, done: dict = None) -> dict:
     for names in groups.values():
         if len(names) == 1:
             blob_id, parts, memo = alone[names[0]]
-            out[names[0]] = (blob_id, parts, None, memo)
+            out[names[0]] = (blob_id, parts, None, memo, names)
             continue
         blob_id, parts, memo = _tracked_blob(tuple(values[n] for n in names), algo)
         for i, name in enumerate(names):
-            out[name] = (blob_id, parts, i, memo)
+            out[name] = (blob_id, parts, i, memo, names)
     return out
 
 
@@ -955,40 +952,47 @@ def _group_fields(names_in_group: list, index) -> dict:
     return {} if index is None else {"group": names_in_group, "index": index}
 
 
+def _source_key(name: str, entry) -> str:
+    """What names a loaded value's objects across the trip: its name, or a group's first."""
+    group = entry.get("group") if isinstance(entry, dict) else None
+    return group[0] if group else name
+
+
 class _Loader:
-    """Loads manifest entries, each group blob once, keeping every blob's memo."""
+    """Loads manifest entries (a group blob once), keeping each loaded pickle's memo
+    under its :func:`_source_key` (two values of the same content are two objects)."""
 
     def __init__(self, store: str, memos: bool) -> None:
         self.store = store
         self.memos = memos
-        self.loaded: dict = {}  # blob id -> value (a tuple for a group)
-        self.memo: dict = {}  # blob id -> {index: object}
+        self.loaded: dict = {}  # source key -> value (a tuple for a group)
+        self.memo: dict = {}  # source key -> {index: object}
 
-    def load(self, entry, write: bool = False):
-        blob_id = entry.get("id") if isinstance(entry, dict) else entry
-        if blob_id not in self.loaded:
+    def load(self, name: str, entry, write: bool = False):
+        key = _source_key(name, entry)
+        if key not in self.loaded:
             _MEMO["want"] = self.memos
             try:
-                self.loaded[blob_id] = load_entry(self.store, entry, write)
+                self.loaded[key] = load_entry(self.store, entry, write)
                 if self.memos:
-                    self.memo[blob_id] = {i: o for i, o in (_MEMO["loaded"] or {}).items()
-                                          if _pairable(o)}
+                    self.memo[key] = {i: o for i, o in (_MEMO["loaded"] or {}).items()
+                                      if _pairable(o)}
             finally:
                 _MEMO.update(want=False, loaded=None)
-        value = self.loaded[blob_id]
+        value = self.loaded[key]
         if isinstance(entry, dict) and entry.get("index") is not None:
             return value[entry["index"]]
         return value
 
 
-#: Local side: what the last export sent, blob id -> {memo index: local object},
+#: Local side: what the last export sent, source key -> {memo index: local object},
 #: to find the local objects a cell's results came from. Dropped by apply.
 _EXPORTED: dict = {}
 
 
 def _origins(memo: dict, origin: dict) -> dict:
-    """{input blob id: [[index here, index there], ...]} for the objects of a value
-    that came from an input (``origin``: id(object) -> (blob id, index))."""
+    """{input key: [[index here, index there], ...]} for the objects of a value that
+    came from an input (``origin``: id(object) -> (its :func:`_source_key`, index, object))."""
     found: dict = {}
     for i, obj in memo.items():
         source = origin.get(id(obj))
@@ -1001,10 +1005,10 @@ def _pairs(loader: _Loader, values: dict) -> dict:
     """id(arrived object) -> the local object it came from, where it can be changed
     in place to the arrived state (same type; arrays of the same shape and dtype)."""
     pairs: dict = {}
-    for entry in values.values():
+    for name, entry in values.items():
         if not isinstance(entry, dict) or not entry.get("origins"):
             continue
-        arrived = loader.memo.get(entry["id"], {})
+        arrived = loader.memo.get(_source_key(name, entry), {})
         for source, matches in entry["origins"].items():
             local = _EXPORTED.get(source, {})
             for here, there in matches:
@@ -1177,7 +1181,7 @@ class Cell:
             group = entry.get("group", ()) if isinstance(entry, dict) else ()
             write = name in self.inplace or any(n in self.inplace for n in group)
             try:  # mapped: an input the cell only reads costs no copy at all
-                values[name] = loader.load(entry, write=write)
+                values[name] = loader.load(name, entry, write=write)
                 if self._input_id(name) in _TAKEN:
                     self.ready.append(name)
             except Exception as exc:

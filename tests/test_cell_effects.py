@@ -124,14 +124,16 @@ def test_a_rebinding_stays_a_rebinding(link_remote, remote):
 
 
 def test_names_bound_to_one_object_are_one_object_on_the_host_and_back(link_remote, remote):
-    link_remote.run("shared = [1]\nsame = shared\nrecord = {'data': shared}")
+    link_remote.run("shared = [1]\nsame = shared\nrecord = {'data': shared}\nunread = [shared]")
     result = link_remote.run(
         f"# link: {remote}\nsame.append(2)\nprint(shared is same, record['data'] is shared)\n"
         "made = {'ref': shared}"
     )
     assert result.stdout == "True True\n"
-    back = link_remote.run("(shared, made['ref'] is shared, record['data'] is shared, same is shared)")
-    assert back.result == "([1, 2], True, True, True)"
+    back = link_remote.run(
+        "(shared, made['ref'] is shared, record['data'] is shared, same is shared, unread[0] is shared)"
+    )
+    assert back.result == "([1, 2], True, True, True, True)"
 
 
 def _optimizers_travel() -> bool:
