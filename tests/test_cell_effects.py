@@ -154,6 +154,13 @@ needs_optimizers = pytest.mark.xfail(
 )
 
 
+def test_equal_values_that_are_not_one_object_stay_two(link_remote, remote):
+    link_remote.run("p = [1]\nq = [1]")
+    result = link_remote.run(f"# link: {remote}\np.append(2)\nprint(p is q, q)")
+    assert result.stdout == "False [1]\n"
+    assert link_remote.run("(p, q, p is q)").result == "([1, 2], [1], False)"
+
+
 @needs_optimizers
 def test_a_value_the_cell_made_refers_to_the_local_inputs(link_remote, remote):
     """An optimizer made remotely over a model it only read holds the local model's parameters."""
