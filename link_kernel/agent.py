@@ -792,7 +792,7 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
         except Exception as exc:
             failures.append({"name": name, "reason": _reason(exc)})
     try:  # the objects that came from the local ones are changed in place
-        loaded = _bind_in_place(loader, values, loaded)
+        loaded = _bind_in_place(loader, values, loaded, shell.user_ns)
     except Exception as exc:
         failures.append({"name": "(in place)", "reason": _reason(exc)})
     finally:
@@ -1117,7 +1117,60 @@ class _Mapper:
         return self.pairs.get(id(obj), obj)
 
 
-def _bind_in_place(loader: _Loader, values: dict, loaded: dict) -> dict:
+#: An array at least this big that nothing but its name holds is rebound, not copied into.
+_REBIND_MIN = 1 << 20
+
+
+def _unshared_arrays(pairs: dict, arrived: dict, ns) -> list:
+    """The pairs whose local object is a big array that only its one name holds.
+
+    Copying 1 GiB into the local array costs about 0.4 s; when no other name,
+    object or view refers to it (a view holds its base), binding the arrived
+    array instead is the same to the notebook, and costs nothing. The count of
+    references is compared against a probe held the same known ways (its name
+    in the namespace, the export's memo, ``pairs``), so anything else holding
+    it, IPython's ``Out`` included, means a copy in place.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is None or ns is None:
+        return []
+    found = []
+    for key in arrived:
+        kind = type(pairs[key])
+        if kind is numpy.ndarray and pairs[key].nbytes >= _REBIND_MIN and pairs[key].base is None:
+            if not _referred_elsewhere(pairs[key], ns):
+                found.append(key)
+    return found
+
+
+def _referred_elsewhere(obj, ns) -> bool:
+    """Whether anything but one name of ``ns``, the export's memo and the pairs holds obj.
+
+    (No closure or generator here may hold ``obj``: each would be one more reference.)
+    """
+    names = 0
+    for value in ns.values():
+        if value is obj:
+            names += 1
+    value = None
+    if names != 1:
+        return True  # bound to two names
+    probe = object()
+    keep = [probe] * (names + _memo_count(obj) + 1)  # noqa: F841 (held as obj is held)
+    return sys.getrefcount(obj) > sys.getrefcount(probe)
+
+
+def _memo_count(obj) -> int:
+    count = 0
+    for memo in _EXPORTED.values():
+        for value in memo.values():
+            if value is obj:
+                count += 1
+    value = None
+    return count
+
+
+def _bind_in_place(loader: _Loader, values: dict, loaded: dict, ns=None) -> dict:
     """The values to bind: the local objects the arrived ones came from, changed in place."""
     pairs = _pairs(loader, values)
     if not pairs:
@@ -1134,8 +1187,11 @@ def _bind_in_place(loader: _Loader, values: dict, loaded: dict) -> dict:
     def relinked(obj):
         return _relink(obj, m, seen)
 
+    for key in _unshared_arrays(pairs, arrived, ns):
+        del pairs[key]  # nothing else sees it: binding what arrived is the same, and free
     for key, new in arrived.items():
-        _merge(pairs[key], new, relinked)
+        if key in pairs:
+            _merge(pairs[key], new, relinked)
     _EXPORTED.clear()
     return {name: _relink(value, m, seen) for name, value in loaded.items()}
 
