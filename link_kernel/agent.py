@@ -19,11 +19,13 @@ request's metadata under ``"link"``::
 
 Before the cell, the wrapper loads the inputs (a blob is unpickled only if its
 content hash matches its name); if that fails the cell does not run. After the
-cell, whether it succeeded or raised (plain Python keeps what a cell did
-before an exception, and so does Link), it publishes a ``link_result`` iopub message: the names
-the cell bound or rebound, the inputs whose content it changed (compared by
-content hash), the names it deleted, each new value written as a blob, and
-the names that could not be serialized, with the reason.
+cell, whether it succeeded, raised or was interrupted (plain Python keeps what
+a cell did before the exception), it publishes a ``link_result`` iopub
+message: the names the cell bound or rebound (modules by name), the inputs
+whose content it changed (compared by content hash), the names it deleted,
+each new value written as a blob, where each value's objects came from among
+the inputs (see "shared references" below), and the names that could not be
+serialized, with the reason.
 
 **The local kernel.** The router calls :func:`export` (inputs of a remote
 cell), :func:`apply` (its outputs, all or nothing) and :func:`record` with

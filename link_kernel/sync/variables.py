@@ -11,8 +11,9 @@ For a remote cell the router:
 3. **pushes** the blobs the host lacks into the host's store (size-capped, so an
    input the host has seen before is not sent again, though each cell gets a
    fresh kernel);
-4. after the cell, **pulls** the blobs of its results and **applies** them in
-   the local kernel all at once, only when every one has arrived whole.
+4. after the cell (one that raised too), **pulls** the blobs of its results and
+   **applies** them in the local kernel all at once, only when every one has
+   arrived whole; the local objects the results came from are changed in place.
 
 The blobs themselves are made and read by :mod:`link_kernel.agent`, in the
 kernels; this module only moves them and keeps the books.
