@@ -18,11 +18,14 @@ request's metadata under ``"link"``::
      "outputs": null | ["model"]}        null: detect; a list: exactly these
 
 Before the cell, the wrapper loads the inputs (a blob is unpickled only if its
-content hash matches its name); if that fails the cell does not run. After a
-cell that succeeded it publishes a ``link_result`` iopub message: the names
-the cell bound or rebound, the inputs whose content it changed (compared by
-content hash), the names it deleted, each new value written as a blob, and
-the names that could not be serialized, with the reason.
+content hash matches its name); if that fails the cell does not run. After the
+cell, whether it succeeded, raised or was interrupted (plain Python keeps what
+a cell did before the exception), it publishes a ``link_result`` iopub
+message: the names the cell bound or rebound (modules by name), the inputs
+whose content it changed (compared by content hash), the names it deleted,
+each new value written as a blob, where each value's objects came from among
+the inputs (see "shared references" below), and the names that could not be
+serialized, with the reason.
 
 **The local kernel.** The router calls :func:`export` (inputs of a remote
 cell), :func:`apply` (its outputs, all or nothing) and :func:`record` with
@@ -245,7 +248,9 @@ def dumps(value) -> tuple:
 
     buffers: list = []
     out = io.BytesIO()
-    _pickler_class()(out, protocol=5, buffer_callback=buffers.append, byref=False).dump(value)
+    pickler = _pickler_class()(out, protocol=5, buffer_callback=buffers.append, byref=False)
+    pickler.dump(value)
+    _note_memo(pickler.memo)
     views = []
     for buf in buffers:
         raw = buf.raw()
@@ -1186,7 +1191,7 @@ def _load(blob_id: str, view: memoryview, check: bool = True):
         offset += n + _pad(n)
     import dill
 
-    return dill.loads(pickled, buffers=buffers)
+    return _unpickle(pickled, buffers)
 
 
 def trim_store(store: str, cap: int) -> None:
@@ -1269,6 +1274,7 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
     manifest["placeholders"] = [n for n in placeholders if n in ns and _is_user_name(shell, n)]
     todo = list(dict.fromkeys(names))
     seen = set(todo)
+    values: dict = {}
     while todo:
         name = todo.pop(0)
         if name not in ns or not _is_user_name(shell, name):
@@ -1282,12 +1288,52 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
             if _is_user_name(shell, extra):
                 seen.add(extra)
                 todo.append(extra)
-        try:
-            blob_id, parts = blob_of(value, algo)
-            manifest["values"][name] = describe(value, blob_id, parts, store)
-        except Exception as exc:
-            manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+        values[name] = value
+    manifest["values"], manifest["errors"] = _describe_all(values, algo, store)
+    _EXPORTED.clear()
+    _EXPORTED.update(_last_memos)
+    _last_memos.clear()
     return json.dumps(manifest)
+
+
+_last_memos: dict = {}
+
+
+def _describe_all(values: dict, algo: str, store: str, origin: dict = None,
+                  done: dict = None) -> tuple:
+    """({name: manifest entry}, {name: error}) of values, those that share objects
+    in one group blob (see :func:`blobs_of`); ``origin`` (the host's input objects)
+    adds where each value's objects came from. The memos go to ``_last_memos``."""
+    done, errors = {n: b for n, b in (done or {}).items() if n in values}, {}
+    for name, value in values.items():
+        if name in done:
+            continue
+        try:
+            done[name] = _tracked_blob(value, algo)
+        except Exception as exc:
+            errors[name] = {"type": _type_name(value), "reason": _reason(exc)}
+    ok = {n: v for n, v in values.items() if n in done}
+    try:
+        blobs = blobs_of(ok, algo, done)
+    except Exception as exc:  # the values pickled alone but not together
+        for name, value in ok.items():
+            errors[name] = {"type": _type_name(value), "reason": _reason(exc)}
+        return {}, errors
+    entries, described, found_in = {}, {}, {}
+    for name, (blob_id, parts, index, memo, names) in blobs.items():
+        if blob_id not in described:
+            value = ok[name] if index is None else tuple(ok[n] for n in names)
+            described[blob_id] = describe(value, blob_id, parts, store)
+        _last_memos[names[0]] = memo
+        entry = dict(described[blob_id], type=_type_name(ok[name]))
+        entry.update(_group_fields(names, index))
+        if origin and names[0] not in found_in:
+            found_in[names[0]] = _origins(memo, origin)
+        found = found_in.get(names[0])
+        if found:
+            entry["origins"] = found
+        entries[name] = entry
+    return entries, errors
 
 
 def user_names(shell) -> list:
@@ -1306,11 +1352,18 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
 
     loaded = {}
     failures = []
+    loader = _Loader(store, memos=bool(_EXPORTED))
     for name, entry in values.items():
         try:
-            loaded[name] = load_entry(store, entry)
+            loaded[name] = loader.load(name, entry)
         except Exception as exc:
             failures.append({"name": name, "reason": _reason(exc)})
+    try:  # the objects that came from the local ones are changed in place
+        loaded = _bind_in_place(loader, values, loaded, shell.user_ns)
+    except Exception as exc:
+        failures.append({"name": "(in place)", "reason": _reason(exc)})
+    finally:
+        _EXPORTED.clear()
     for name, module in (modules or {}).items():
         try:
             loaded[name] = importlib.import_module(module)
@@ -1347,6 +1400,369 @@ def record(shell, code: str) -> int:
     return count
 
 
+# -- shared references and in-place changes ----------------------------------------------
+#
+# Values that share objects travel as one blob (a *group*: the tuple of their
+# values), so ``b = a``, or a model and the optimizer holding its parameters,
+# are one object on the other side too. Objects are matched across the trip by
+# their pickle memo index: the pickler numbers each object it writes and the
+# unpickler numbers what it builds the same way, so (blob id, index) names the
+# same object on both sides. The host reports, for each value it sends back,
+# which of its objects came from which input object; the local side changes
+# those local objects in place to the state that came back, and puts them
+# wherever the arrived ones were referenced, so aliases, views and links
+# between variables see what plain Python would show.
+
+_MEMO = {"want": False, "dumped": None, "loaded": None}
+
+
+def _note_memo(memo: dict) -> None:
+    """Keep the last pickler's memo ({id: (index, object)}) when asked for."""
+    if _MEMO["want"]:
+        _MEMO["dumped"] = memo
+
+
+def _unpickle(pickled, buffers):
+    import io
+
+    import dill
+
+    if not _MEMO["want"]:
+        return dill.loads(pickled, buffers=buffers)
+    unpickler = dill.Unpickler(io.BytesIO(pickled), buffers=buffers)
+    value = unpickler.load()
+    _MEMO["loaded"] = unpickler.memo.copy()
+    return value
+
+
+def _pairable(obj) -> bool:
+    """Whether an object has an identity worth keeping across the trip: something
+    mutable that names can share (not a str, a number, a type or a function)."""
+    if isinstance(obj, (list, dict, set, bytearray)):
+        return True
+    if isinstance(obj, (type, types.FunctionType, types.ModuleType, types.MethodType,
+                        types.BuiltinFunctionType, functools.partial)):
+        return False
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(obj, numpy.ndarray):
+        return True
+    try:
+        return isinstance(vars(obj), dict)
+    except TypeError:
+        return False
+
+
+def _memo_objects(memo: dict) -> dict:
+    """{index: object} of a pickler's memo, pairable objects only."""
+    main = getattr(sys.modules.get("__main__"), "__dict__", None)
+    return {i: o for i, o in memo.values() if o is not main and _pairable(o)}
+
+
+def _tracked_blob(value, algo: str) -> tuple:
+    """(blob id, parts, {index: object}) of a value."""
+    _MEMO["want"] = True
+    try:
+        blob_id, parts = blob_of(value, algo)
+        memo = _MEMO["dumped"] or {}
+    finally:
+        _MEMO.update(want=False, dumped=None)
+    return blob_id, parts, _memo_objects(memo)
+
+
+def blobs_of(values: dict, algo: str, done: dict = None) -> dict:
+    """{name: (blob id, parts, index in the group or None, {index: object}, the group's names)}.
+
+    Each value is pickled alone; values whose pickles share pairable objects
+    are pickled again together, as the tuple of their values, in one group blob.
+    ``done`` holds values already pickled alone (name -> (id, parts, memo)).
+    Values that cannot be pickled raise as blob_of does, under their name:
+    the exception gets a ``link_name`` attribute.
+    """
+    alone = dict(done or {})
+    for name, value in values.items():
+        if name not in alone:
+            try:
+                alone[name] = _tracked_blob(value, algo)
+            except Exception as exc:
+                exc.link_name = name
+                raise
+    owner: dict = {}  # id(object) -> the first name whose pickle holds it
+    parent = {name: name for name in values}
+
+    def root(name):
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for name in values:
+        for obj in alone[name][2].values():
+            first = owner.setdefault(id(obj), name)
+            if first != name:
+                parent[root(name)] = root(first)
+    groups: dict = {}
+    for name in values:
+        groups.setdefault(root(name), []).append(name)
+    out = {}
+    for names in groups.values():
+        if len(names) == 1:
+            blob_id, parts, memo = alone[names[0]]
+            out[names[0]] = (blob_id, parts, None, memo, names)
+            continue
+        blob_id, parts, memo = _tracked_blob(tuple(values[n] for n in names), algo)
+        for i, name in enumerate(names):
+            out[name] = (blob_id, parts, i, memo, names)
+    return out
+
+
+def _group_fields(names_in_group: list, index) -> dict:
+    return {} if index is None else {"group": names_in_group, "index": index}
+
+
+def _source_key(name: str, entry) -> str:
+    """What names a loaded value's objects across the trip: its name, or a group's first."""
+    group = entry.get("group") if isinstance(entry, dict) else None
+    return group[0] if group else name
+
+
+class _Loader:
+    """Loads manifest entries (a group blob once), keeping each loaded pickle's memo
+    under its :func:`_source_key` (two values of the same content are two objects)."""
+
+    def __init__(self, store: str, memos: bool) -> None:
+        self.store = store
+        self.memos = memos
+        self.loaded: dict = {}  # source key -> value (a tuple for a group)
+        self.memo: dict = {}  # source key -> {index: object}
+
+    def load(self, name: str, entry, write: bool = False):
+        key = _source_key(name, entry)
+        if key not in self.loaded:
+            _MEMO["want"] = self.memos
+            try:
+                self.loaded[key] = load_entry(self.store, entry, write)
+                if self.memos:
+                    self.memo[key] = {i: o for i, o in (_MEMO["loaded"] or {}).items()
+                                      if _pairable(o)}
+            finally:
+                _MEMO.update(want=False, loaded=None)
+        value = self.loaded[key]
+        if isinstance(entry, dict) and entry.get("index") is not None:
+            return value[entry["index"]]
+        return value
+
+
+#: Local side: what the last export sent, source key -> {memo index: local object},
+#: to find the local objects a cell's results came from. Dropped by apply.
+_EXPORTED: dict = {}
+
+
+def _origins(memo: dict, origin: dict) -> dict:
+    """{input key: [[index here, index there], ...]} for the objects of a value that
+    came from an input (``origin``: id(object) -> (its :func:`_source_key`, index, object))."""
+    found: dict = {}
+    for i, obj in memo.items():
+        source = origin.get(id(obj))
+        if source is not None and source[2] is obj:
+            found.setdefault(source[0], []).append([i, source[1]])
+    return found
+
+
+def _pairs(loader: _Loader, values: dict) -> dict:
+    """id(arrived object) -> the local object it came from, where it can be changed
+    in place to the arrived state (same type; arrays of the same shape and dtype)."""
+    pairs: dict = {}
+    for name, entry in values.items():
+        if not isinstance(entry, dict) or not entry.get("origins"):
+            continue
+        arrived = loader.memo.get(_source_key(name, entry), {})
+        for source, matches in entry["origins"].items():
+            local = _EXPORTED.get(source, {})
+            for here, there in matches:
+                a, l = arrived.get(here), local.get(there)
+                if a is not None and l is not None and _can_merge(l, a):
+                    pairs[id(a)] = l
+    return pairs
+
+
+def _can_merge(local, new) -> bool:
+    kind, other = type(local), type(new)
+    if kind is not other and not (  # a notebook class travels by value: a copy of it
+        kind.__module__ == other.__module__ == "__main__" and kind.__qualname__ == other.__qualname__
+    ):
+        return False
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(local, numpy.ndarray):
+        return local.shape == new.shape and local.dtype == new.dtype and local.flags.writeable
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(local, torch.Tensor):
+        return local.shape == new.shape and local.dtype == new.dtype and local.device == new.device
+    return True
+
+
+def _merge(local, new, m) -> None:
+    """Change ``local`` in place to the state of ``new``; ``m`` maps what that
+    state refers to onto local objects."""
+    numpy = sys.modules.get("numpy")
+    torch = sys.modules.get("torch")
+    pandas = sys.modules.get("pandas")
+    if numpy is not None and isinstance(local, numpy.ndarray):
+        numpy.copyto(local, new)
+        return
+    if torch is not None and isinstance(local, torch.Tensor):
+        with torch.no_grad():
+            local.copy_(new)
+        if local.is_leaf:
+            local.requires_grad_(new.requires_grad)
+            if new.grad is not None:  # (a pickled tensor has none: the local one's stays)
+                local.grad = m(new.grad)
+        return
+    if pandas is not None and isinstance(local, (pandas.DataFrame, pandas.Series)):
+        local._update_inplace(new)
+        local.attrs = new.attrs
+        if isinstance(local, pandas.Series):
+            local.name = new.name
+        return
+    if isinstance(local, list):
+        local[:] = [m(x) for x in new]
+    elif isinstance(local, dict):
+        items = [(m(k), m(v)) for k, v in new.items()]
+        local.clear()
+        local.update(items)
+        if hasattr(new, "default_factory"):
+            local.default_factory = m(new.default_factory)
+    elif isinstance(local, set):
+        items = [m(x) for x in new]
+        local.clear()
+        local.update(items)
+    elif isinstance(local, bytearray):
+        local[:] = new
+        return
+    state = getattr(new, "__dict__", None)
+    if isinstance(state, dict) and state is not getattr(local, "__dict__", None):
+        attrs = {k: m(v) for k, v in state.items()}
+        local.__dict__.clear()
+        local.__dict__.update(attrs)
+
+
+def _relink(value, m, seen: set):
+    """Point what the cell made (not changed in place) at the local objects; the
+    value to bind (a tuple is rebuilt, if it has to be)."""
+    if id(value) in m.pairs:
+        return m(value)
+    if id(value) in seen:
+        return value
+    seen.add(id(value))
+    if isinstance(value, list):
+        value[:] = [_relink(x, m, seen) for x in value]
+    elif isinstance(value, dict):
+        items = [(_relink(k, m, seen), _relink(v, m, seen)) for k, v in value.items()]
+        if any(a is not k or b is not v for (a, b), (k, v) in zip(items, value.items())):
+            value.clear()
+            value.update(items)
+    elif isinstance(value, set):
+        items = [_relink(x, m, seen) for x in value]
+        if any(id(x) in m.pairs for x in value):
+            value.clear()
+            value.update(items)
+    elif type(value) is tuple:
+        items = tuple(_relink(x, m, seen) for x in value)
+        if any(a is not b for a, b in zip(items, value)):
+            return items
+    elif _pairable(value):
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict):
+            _relink(state, m, seen)
+    return value
+
+
+class _Mapper:
+    def __init__(self, pairs: dict) -> None:
+        self.pairs = pairs
+
+    def __call__(self, obj):
+        return self.pairs.get(id(obj), obj)
+
+
+#: An array at least this big that nothing but its name holds is rebound, not copied into.
+_REBIND_MIN = 1 << 20
+
+
+def _unshared_arrays(pairs: dict, arrived: dict, ns) -> list:
+    """The pairs whose local object is a big array that only its one name holds.
+
+    Copying 1 GiB into the local array costs about 0.4 s; when no other name,
+    object or view refers to it (a view holds its base), binding the arrived
+    array instead is the same to the notebook, and costs nothing. The count of
+    references is compared against a probe held the same known ways (its name
+    in the namespace, the export's memo, ``pairs``), so anything else holding
+    it, IPython's ``Out`` included, means a copy in place.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is None or ns is None:
+        return []
+    found = []
+    for key in arrived:
+        kind = type(pairs[key])
+        if kind is numpy.ndarray and pairs[key].nbytes >= _REBIND_MIN and pairs[key].base is None:
+            if not _referred_elsewhere(pairs[key], ns):
+                found.append(key)
+    return found
+
+
+def _referred_elsewhere(obj, ns) -> bool:
+    """Whether anything but one name of ``ns``, the export's memo and the pairs holds obj.
+
+    (No closure or generator here may hold ``obj``: each would be one more reference.)
+    """
+    names = 0
+    for value in ns.values():
+        if value is obj:
+            names += 1
+    value = None
+    if names != 1:
+        return True  # bound to two names
+    probe = object()
+    keep = [probe] * (names + _memo_count(obj) + 1)  # noqa: F841 (held as obj is held)
+    return sys.getrefcount(obj) > sys.getrefcount(probe)
+
+
+def _memo_count(obj) -> int:
+    count = 0
+    for memo in _EXPORTED.values():
+        for value in memo.values():
+            if value is obj:
+                count += 1
+    value = None
+    return count
+
+
+def _bind_in_place(loader: _Loader, values: dict, loaded: dict, ns=None) -> dict:
+    """The values to bind: the local objects the arrived ones came from, changed in place."""
+    pairs = _pairs(loader, values)
+    if not pairs:
+        _EXPORTED.clear()
+        return loaded
+    m = _Mapper(pairs)
+    arrived = {}
+    for memo in loader.memo.values():
+        for obj in memo.values():
+            if id(obj) in pairs:
+                arrived[id(obj)] = obj
+    seen: set = set()
+
+    def relinked(obj):
+        return _relink(obj, m, seen)
+
+    for key in _unshared_arrays(pairs, arrived, ns):
+        del pairs[key]  # nothing else sees it: binding what arrived is the same, and free
+    for key, new in arrived.items():
+        if key in pairs:
+            _merge(pairs[key], new, relinked)
+    _EXPORTED.clear()
+    return {name: _relink(value, m, seen) for name, value in loaded.items()}
+
+
 # -- the remote side -------------------------------------------------------------------
 
 
@@ -1373,6 +1789,8 @@ class Cell:
         self.cap = int(instructions.get("cap") or 0)
         self.scan = instructions.get("scan")
         self.before: dict = {}
+        #: id(object) -> (input blob id, memo index, object): the inputs' objects.
+        self.origin: dict = {}
         #: Inputs the standby had ready in memory (see preload).
         self.ready: list = []
 
@@ -1381,9 +1799,12 @@ class Cell:
         import importlib
 
         values = {}
+        loader = _Loader(self.store, memos=True)
         for name, entry in self.inputs.items():
+            group = entry.get("group", ()) if isinstance(entry, dict) else ()
+            write = name in self.inplace or any(n in self.inplace for n in group)
             try:  # mapped: an input the cell only reads costs no copy at all
-                values[name] = load_entry(self.store, entry, write=name in self.inplace)
+                values[name] = loader.load(name, entry, write=write)
                 if self._input_id(name) in _TAKEN:
                     self.ready.append(name)
             except Exception as exc:
@@ -1393,6 +1814,7 @@ class Cell:
         placeholder = _Placeholder()
         for name in self.placeholders:
             values.setdefault(name, placeholder)
+        self.origin = {id(o): (b, i, o) for b, memo in loader.memo.items() for i, o in memo.items()}
         _drop_preloaded()  # what the cell does not use goes (its memory with it)
         ns = self.shell.user_ns
         ns.update(values)
@@ -1410,20 +1832,23 @@ class Cell:
                 n
                 for n, v in now.items()
                 if (n not in self.before or v is not self.before[n])
-                and not isinstance(v, (_Placeholder, types.ModuleType))
-            ]
+                and not isinstance(v, _Placeholder)
+            ]  # a module the cell imported comes back by name, as import binds it
             deleted = [n for n in self.before if n not in now]
         out: dict = {"values": {}, "modules": {}, "deleted": deleted, "errors": {}}
+        values = {}
         for name in changed:
             value = now[name]
             if isinstance(value, types.ModuleType):
                 out["modules"][name] = value.__name__
                 continue
-            self._export(name, value, out)
-        if self.outputs is None:
-            for name in self.inputs:
-                if name in now and name not in changed:
-                    self._export(name, now[name], out)  # comes back only if it changed
+            values[name] = value
+        done: dict = {}
+        if self.outputs is None:  # an input comes back only if it changed
+            values.update(self._changed_inputs(now, set(changed), done))
+        out["values"], out["errors"] = _describe_all(values, self.algo, self.store, self.origin,
+                                                     done)
+        _last_memos.clear()
         if self.cap:
             trim_store(self.store, self.cap)
         return out
@@ -1432,15 +1857,32 @@ class Cell:
         entry = self.inputs.get(name)
         return entry.get("id") if isinstance(entry, dict) else entry
 
-    def _export(self, name: str, value, out: dict) -> None:
-        """Add a value to the result, unless it is an input the cell left as it was."""
-        try:
-            blob_id, parts = blob_of(value, self.algo)
-            if self.outputs is None and self._input_id(name) == blob_id:
-                return
-            out["values"][name] = describe(value, blob_id, parts, self.store)
-        except Exception as exc:
-            out["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+    def _changed_inputs(self, now: dict, rebound: set, done: dict) -> dict:
+        """The inputs (still bound to the objects they came as) whose content changed,
+        judged by their blob (a group's as a whole). ``done`` gets the single inputs'
+        blobs, to reuse."""
+        changed = {}
+        seen = set()
+        for name, entry in self.inputs.items():
+            if name not in now or name in rebound or name in seen:
+                continue
+            group = entry.get("group") if isinstance(entry, dict) else None
+            names = [n for n in (group or [name])]
+            seen.update(names)
+            if any(n not in now or n in rebound for n in names):
+                changed.update({n: now[n] for n in names if n in now and n not in rebound})
+                continue
+            try:
+                if group:
+                    blob_id, _, _ = _tracked_blob(tuple(now[n] for n in names), self.algo)
+                else:
+                    done[name] = _tracked_blob(now[name], self.algo)
+                    blob_id = done[name][0]
+            except Exception:
+                blob_id = None  # reported when it is written
+            if blob_id != self._input_id(name):
+                changed.update({n: now[n] for n in names})
+        return changed
 
 
 def install(shell, wrap: bool = True) -> None:
@@ -1662,7 +2104,7 @@ def _wrap_execute(shell, kernel, original):
         if replying.reply is not None:  # the router needs nothing after this message
             content["reply"] = replying.reply
         started = time.perf_counter()
-        if succeeded and instructions.get("store"):
+        if instructions.get("store"):  # a cell that raised keeps what it did before the raise
             try:
                 content.update(cell.result())
             except (Exception, KeyboardInterrupt) as exc:  # nothing comes back; the cell ran

@@ -670,8 +670,8 @@ class RemoteBackend(Backend):
             raise KernelDiedError(msg) from exc
 
     async def _push(self, inputs: Inputs) -> None:
-        ids = [v["id"] for v in inputs.values.values() if "inline" not in v]
-        self.last["sent"] = sum(v["size"] for v in inputs.values.values() if "inline" in v)
+        ids = list(dict.fromkeys(v["id"] for v in inputs.values.values() if "inline" not in v))
+        self.last["sent"] = sum({v["id"]: v["size"] for v in inputs.values.values() if "inline" in v}.values())
         if not ids:
             return
         transport = self._transport()
@@ -725,7 +725,7 @@ class RemoteBackend(Backend):
             await self._transport().pull_blobs(missing, str(self.sync.store))
         sizes = {v["id"]: v["size"] for v in outputs.values.values()}
         self.last["received"] = sum(sizes[i] for i in missing) + sum(
-            v["size"] for v in outputs.values.values() if "inline" in v
+            {v["id"]: v["size"] for v in outputs.values.values() if "inline" in v}.values()
         )
         failures = await self.sync.apply(outputs)
         notes = [

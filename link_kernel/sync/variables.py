@@ -11,8 +11,9 @@ For a remote cell the router:
 3. **pushes** the blobs the host lacks into the host's store (size-capped, so an
    input the host has seen before is not sent again, though each cell gets a
    fresh kernel);
-4. after the cell, **pulls** the blobs of its results and **applies** them in
-   the local kernel all at once, only when every one has arrived whole.
+4. after the cell (one that raised too), **pulls** the blobs of its results and
+   **applies** them in the local kernel all at once, only when every one has
+   arrived whole; the local objects the results came from are changed in place.
 
 The blobs themselves are made and read by :mod:`link_kernel.agent`, in the
 kernels; this module only moves them and keeps the books.
@@ -88,8 +89,8 @@ class Inputs:
     seconds: float = 0.0
 
     @property
-    def size(self) -> int:
-        return sum(v["size"] for v in self.values.values())
+    def size(self) -> int:  # a group blob (values that share objects) counts once
+        return sum({v["id"]: v["size"] for v in self.values.values()}.values())
 
 
 @dataclass
@@ -126,8 +127,8 @@ class Outputs:
         )
 
     @property
-    def size(self) -> int:
-        return sum(v["size"] for v in self.values.values())
+    def size(self) -> int:  # a group blob (values that share objects) counts once
+        return sum({v["id"]: v["size"] for v in self.values.values()}.values())
 
 
 class VariableSync:
@@ -214,18 +215,19 @@ class VariableSync:
         return json.loads(ast.literal_eval(result["failures"]))
 
     def missing_locally(self, outputs: Outputs) -> list[str]:
-        return [
+        return list(dict.fromkeys(
             v["id"]
             for v in outputs.values.values()
             if "inline" not in v and not has_blob(str(self.store), v["id"])
-        ]
+        ))
 
 
 def _entry(value: dict[str, Any]) -> Any:
     """A manifest entry for the other side: the blob id, or the inline value."""
+    extra = {k: value[k] for k in ("group", "index", "origins") if k in value}
     if "inline" in value:
-        return {"id": value["id"], "inline": value["inline"]}
-    return value["id"]
+        return {"id": value["id"], "inline": value["inline"], **extra}
+    return {"id": value["id"], **extra} if extra else value["id"]
 
 
 def format_size(n: float) -> str:
