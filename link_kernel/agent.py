@@ -947,8 +947,11 @@ def _lean_exit(shell, kernel) -> None:
                 # (the loop's stop can run before the queued send), and the router
                 # would wait for it forever.
                 atexit.unregister(app.iopub_thread.stop)
+                global _IOPUB
+                _IOPUB = app.iopub_thread
     except ImportError:
         pass
+    _keep_messaging_up()
 
     def remove_tempfiles() -> None:
         for path in list(getattr(shell, "tempfiles", [])):
@@ -1020,6 +1023,43 @@ def flush_open_files() -> None:
 #: Held while the exit is prepared; True once it is.
 _EXIT_LOCK = threading.Lock()
 _EXIT_PREPARED = False
+#: ipykernel's IOPub thread, which sends every iopub message (see _drain_iopub).
+_IOPUB = None
+
+
+def _keep_messaging_up() -> None:
+    """Keep pyzmq's own exit hook out of the early exit (:func:`prepare_exit`).
+
+    That hook stops pyzmq's garbage collector, which every zero-copy send (any
+    frame over 64 KiB: a big ``link_result``, a long stream) relies on: run while
+    the IOPub thread still sends, the frame's memory is freed under libzmq (the
+    router sees a bad signature) or the send fails half-way. The process ends by
+    ``os._exit``, which needs no hook of pyzmq's.
+    """
+    import atexit
+
+    try:  # imported now: pyzmq imports it at the first zero-copy send, hook and all
+        from zmq.utils.garbage import gc
+    except ImportError:
+        return
+    atexit.unregister(gc._atexit)
+
+
+def _drain_iopub(timeout: float = 10.0) -> None:
+    """Wait until the IOPub thread has handed every message queued so far to zmq.
+
+    Messages are queued for that thread in order, so a marker queued now runs
+    after the cell's last message (``link_result``) has left the process's hands.
+    """
+    thread = _IOPUB
+    if thread is None or threading.current_thread() is getattr(thread, "thread", None):
+        return
+    sent = threading.Event()
+    try:
+        thread.schedule(sent.set)
+    except Exception:
+        return
+    sent.wait(timeout)
 
 
 def prepare_exit() -> None:
@@ -1036,6 +1076,7 @@ def prepare_exit() -> None:
     with _EXIT_LOCK:
         if _EXIT_PREPARED:
             return
+        _drain_iopub()  # the hooks run once the cell's messages are out, not during
         try:
             atexit._run_exitfuncs()
         finally:
