@@ -211,7 +211,13 @@ _PICKLER = None
 
 
 def _pickler_class():
-    """dill's pickler with Link's reducers (made once; numpy may come later)."""
+    """dill's pickler with Link's reducers (made once; numpy may come later).
+
+    Besides numpy's out-of-band buffers, process-bound refusals and the GPU hook,
+    it decides how classes and functions travel (see :func:`_code_reference`)
+    and, as it meets the notebook's own ones, notes the global names they use
+    in ``reached``: the one pass over the value finds what it needs.
+    """
     global _PICKLER
     if _PICKLER is not None:
         return _PICKLER
@@ -220,12 +226,22 @@ def _pickler_class():
     bound = _process_bound_types()
 
     class Pickler(dill.Pickler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            #: global names used by the notebook functions and classes pickled by value
+            self.reached: set = set()
+
         def reducer_override(self, obj):
             numpy = sys.modules.get("numpy")
             if numpy is not None and type(obj) is numpy.ndarray and not obj.dtype.hasobject:
                 return obj.__reduce_ex__(5)
+            if type(obj) is types.FunctionType or isinstance(obj, type):
+                return _code_reference(obj, self.reached)
             if isinstance(obj, bound):
                 raise Refused(_refusal(obj))
+            with_grad = _tensor_with_grad(obj)
+            if with_grad is not None:
+                return with_grad
             moved = _to_host_memory(obj)
             if moved is not None:
                 return _identity, (moved,)
@@ -239,13 +255,102 @@ def _identity(value):
     return value
 
 
+def _tensor_with_grad(obj):
+    """The reduction of a torch leaf tensor (a parameter, say) with its gradient; None
+    for anything else. torch's own reduction leaves ``.grad`` out, and a plain
+    kernel still has it after the cell (``loss.backward()``, then the cell ends).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.Tensor) or not obj.is_leaf:
+        return None
+    grad = obj.grad
+    if grad is None or obj.device.type != "cpu":
+        return None  # (a GPU tensor comes to the CPU through _to_host_memory)
+    reduced = obj.__reduce_ex__(5)
+    if not isinstance(reduced, tuple) or len(reduced) != 2:
+        return None
+    return _rebuilt_with_grad, (reduced[0], reduced[1], grad)
+
+
+def _rebuilt_with_grad(rebuild, args, grad):
+    tensor = rebuild(*args)
+    tensor.grad = grad
+    return tensor
+
+
+def _code_reference(obj, reached: set):
+    """How the pickler saves a class or a function: its qualified name, or by value.
+
+    One the notebook defined (``__main__``) goes by value, through dill, and the
+    global names its code uses go into ``reached``: the pickler meets its
+    methods, properties, base classes, closures and defaults as it goes, so
+    each of them adds its own. One that its module holds under its qualified
+    name goes by reference, looked up in ``sys.modules``: dill's own lookup
+    goes through the package's attributes and misses a submodule its package
+    deleted (``torch.optim`` deletes ``sgd``), and then pickles the library's
+    class by value, with every global its methods reach (and fails on one,
+    such as typing_extensions' sentinels, that must not be copied).
+    """
+    module = getattr(obj, "__module__", None)
+    if module == "__main__":
+        code = getattr(obj, "__code__", None)
+        if code is not None:
+            reached |= _code_globals(code)
+        return NotImplemented
+    qualname = getattr(obj, "__qualname__", None)
+    home = sys.modules.get(module) if isinstance(module, str) else None
+    if home is None or not isinstance(qualname, str) or "<locals>" in qualname:
+        return NotImplemented
+    found = home
+    for part in qualname.split("."):
+        found = getattr(found, part, _MISSING)
+        if found is _MISSING:
+            return NotImplemented
+    return qualname if found is obj else NotImplemented
+
+
+#: Bytecodes that name a global (or, in a class body, a name resolved as one).
+_GLOBAL_OPS = frozenset({
+    "LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME",
+    "DELETE_NAME", "LOAD_FROM_DICT_OR_GLOBALS",
+})
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_globals(code) -> frozenset:
+    """The global names a code object and the code nested in it use.
+
+    Read from the bytecode, so an attribute (``self.data``) is not taken for
+    the global ``data``.
+    """
+    import dis
+
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_OPS}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_globals(const)
+    return frozenset(n for n in names if isinstance(n, str))
+
+
+#: (id of the value, the global names its notebook code uses) of the last dumps.
+_LAST_REACHED: tuple = (None, frozenset())
+
+
 def dumps(value) -> tuple:
-    """(pickle bytes, out-of-band buffers) of a value."""
+    """(pickle bytes, out-of-band buffers) of a value.
+
+    The global names the notebook functions and classes in it use are kept
+    for :func:`_referenced_globals`.
+    """
     import io
 
+    global _LAST_REACHED
     buffers: list = []
     out = io.BytesIO()
-    _pickler_class()(out, protocol=5, buffer_callback=buffers.append, byref=False).dump(value)
+    pickler = _pickler_class()(out, protocol=5, buffer_callback=buffers.append, byref=False)
+    _LAST_REACHED = (None, frozenset())
+    pickler.dump(value)
+    _LAST_REACHED = (id(value), frozenset(pickler.reached))
     views = []
     for buf in buffers:
         raw = buf.raw()
@@ -669,25 +774,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _global_names(code) -> set:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
-
-
 def _referenced_globals(value, ns: dict) -> set:
-    """Names of the notebook's namespace that a notebook function or class uses."""
-    found: set = set()
-    if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
-        found |= _global_names(value.__code__)
-    elif isinstance(value, type) and value.__module__ == "__main__":
-        for attr in vars(value).values():
-            func = getattr(attr, "__func__", attr)
-            if isinstance(func, types.FunctionType):
-                found |= _global_names(func.__code__)
-    return {n for n in found if n in ns}
+    """Names of the namespace ``ns`` that the notebook functions and classes a value
+    reaches use, however deep (in a list, an instance, a partial, an estimator).
+
+    Found while :func:`dumps` pickled the value (call it after); nothing if the
+    last value pickled was another one.
+    """
+    ident, names = _LAST_REACHED
+    if ident != id(value):
+        return set()
+    return {n for n in names if n in ns}
 
 
 def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -> str:
@@ -713,16 +810,17 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
         if isinstance(value, types.ModuleType):
             manifest["modules"][name] = value.__name__
             continue
-        for extra in sorted(_referenced_globals(value, ns) - seen):
-            if _is_user_name(shell, extra):
-                seen.add(extra)
-                todo.append(extra)
         try:
             blob_id, parts = blob_of(value, algo)
             manifest["values"][name] = describe(value, blob_id, parts, store)
         except Exception as exc:
             manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+        for extra in sorted(_referenced_globals(value, ns) - seen):  # found by the pickling
+            if _is_user_name(shell, extra):
+                seen.add(extra)
+                todo.append(extra)
     return json.dumps(manifest)
+
 
 
 def user_names(shell) -> list:
@@ -859,6 +957,7 @@ class Cell:
             for name in self.inputs:
                 if name in now and name not in changed:
                     self._export(name, now[name], out)  # comes back only if it changed
+        _bring_reached(self, out, now)
         if self.cap:
             trim_store(self.store, self.cap)
         return out
@@ -871,11 +970,43 @@ class Cell:
         """Add a value to the result, unless it is an input the cell left as it was."""
         try:
             blob_id, parts = blob_of(value, self.algo)
+            _note_reached(self, value)
             if self.outputs is None and self._input_id(name) == blob_id:
                 return
             out["values"][name] = describe(value, blob_id, parts, self.store)
         except Exception as exc:
             out["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+
+
+def _note_reached(cell: Cell, value) -> None:
+    """Keep the names the notebook code in a value just pickled uses (see dumps)."""
+    cell.__dict__.setdefault("reached", set()).update(_referenced_globals(value, cell.shell.user_ns))
+
+
+def _bring_reached(cell: Cell, out: dict, now: dict) -> None:
+    """With ``out=``, the names the code in the outputs uses come back too, if this
+    cell bound them: a class made here must work locally, with its globals.
+
+    (Without ``out=`` every name the cell bound comes back anyway, and the
+    others are the local kernel's own.)
+    """
+    if cell.outputs is None:
+        return
+    done = set(cell.outputs)
+    todo = sorted(cell.__dict__.get("reached", set()) - done)
+    while todo:
+        name = todo.pop(0)
+        if name in done or name not in now or not _is_user_name(cell.shell, name):
+            continue
+        done.add(name)
+        value = now[name]
+        if name in cell.before and value is cell.before[name]:
+            continue  # the local kernel has it
+        if isinstance(value, types.ModuleType):
+            out["modules"][name] = value.__name__
+            continue
+        cell._export(name, value, out)
+        todo.extend(sorted(cell.__dict__.get("reached", set()) - done))
 
 
 def install(shell, wrap: bool = True) -> None:
