@@ -819,8 +819,24 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
             if _is_user_name(shell, extra):
                 seen.add(extra)
                 todo.append(extra)
+    manifest["unsent"] = unsent_names(shell, seen)
     return json.dumps(manifest)
 
+
+#: At most this many local names (of at most 64 characters) go with a cell for
+#: the NameError hint (see :func:`_explain_name_errors`): a few KiB at most.
+UNSENT_MAX = 2000
+
+
+def unsent_names(shell, sent) -> list:
+    """The user's local names that do not go with the cell (capped)."""
+    names = []
+    for name in shell.user_ns:
+        if len(names) >= UNSENT_MAX:
+            break
+        if name not in sent and len(name) <= 64 and _is_user_name(shell, name):
+            names.append(name)
+    return names
 
 
 def user_names(shell) -> list:
@@ -1248,6 +1264,7 @@ def _wrap_execute(shell, kernel, original):
             _refuse(shell, kernel, stream, ident, parent, exc)
             return None
         loaded = time.perf_counter() - started
+        _explain_name_errors(shell, instructions)
         replying = _ReplyCopy(stream)
         result = None
         try:
@@ -1285,6 +1302,48 @@ def _wrap_execute(shell, kernel, original):
 
     execute_request.__wrapped__ = original
     return execute_request
+
+
+#: What the NameError hint of the running cell needs: the host's name, the names
+#: the cell was sent, and the local names it was not.
+_UNSENT: dict = {}
+
+
+def _explain_name_errors(shell, instructions: dict) -> None:
+    """Make a NameError for a name the local kernel has say so, and how to send it.
+
+    A name the cell reaches dynamically (``eval('df1')``, ``globals()[name]``)
+    is invisible to the router's analysis, so it is not sent. IPython's
+    custom exception hook rewrites the message of such a NameError and shows
+    the cell's own traceback as usual. A handler the user set is left alone.
+    """
+    _UNSENT.clear()
+    _UNSENT.update(
+        host=str(instructions.get("host") or "this host"),
+        names=set(instructions.get("unsent") or ()),
+        sent=sorted({*(instructions.get("inputs") or {}), *(instructions.get("modules") or {})}),
+    )
+    if not _UNSENT["names"]:
+        return
+    if getattr(shell, "custom_exceptions", None) == ():  # once: the handler reads _UNSENT
+        shell.set_custom_exc((NameError,), _name_error_shown)
+
+
+def _name_error_shown(shell, etype, value, tb, tb_offset=None):
+    name = getattr(value, "name", None)
+    if (
+        isinstance(name, str)
+        and name in _UNSENT.get("names", ())
+        and name not in shell.user_ns
+        and value.args == (f"name {name!r} is not defined",)
+    ):
+        names = ",".join([*_UNSENT["sent"], name])
+        value.args = (
+            f"name {name!r} is not defined on {_UNSENT['host']}; it exists in the local kernel, "
+            "but the cell does not name it directly, so Link did not send it: add "
+            f"in={names} to the routing comment",
+        )
+    shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
 
 
 class _ReplyCopy:

@@ -4,6 +4,7 @@ wherever they sit in a value; library classes and functions travel by reference.
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 
@@ -205,3 +206,20 @@ def test_torch_training_objects_come_back(link_remote, remote):
     step = link_remote.run("optimizer.zero_grad(); loss_fn(model(xs), 3 * xs + 1).backward(); optimizer.step(); 'ok'")
     assert step.result == "'ok'", step.text
 
+
+def test_a_name_reached_dynamically_says_how_to_send_it(link_remote, remote):
+    link_remote.run("df1 = [1, 2]\ndef size_of(name):\n    return len(eval(name))")
+    result = link_remote.run(f"# link: {remote}\nsize_of('df1')")
+    assert result.status == "error"
+    error = result.error
+    assert error["ename"] == "NameError" == result.content["ename"]
+    assert error["evalue"] == result.content["evalue"] == (
+        f"name 'df1' is not defined on {remote}; it exists in the local kernel, but the cell "
+        "does not name it directly, so Link did not send it: add in=size_of,df1 to the routing comment"
+    )
+    traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error["traceback"]))
+    assert "size_of('df1')" in traceback and "in size_of" in traceback
+    assert "link_kernel" not in traceback and "__link_agent__" not in traceback
+    assert link_remote.run(f"# link: {remote} in=size_of,df1\nsize_of('df1')").result == "2"
+    nowhere = link_remote.run(f"# link: {remote}\nsize_of('nowhere')")
+    assert nowhere.error["evalue"] == "name 'nowhere' is not defined"

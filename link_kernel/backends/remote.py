@@ -605,7 +605,7 @@ class RemoteBackend(Backend):
 
         conn.on_iopub = on_iopub
         conn.on_stdin = self.relay.on_stdin_request
-        link = {"count": request.execution_count, "release": release}
+        link = {"count": request.execution_count, "release": release, "host": self.name}
         transport = self._transport()
         link.update(self.sync.instructions(inputs, plan, transport.blob_dir, self.algo))
         if request.route.files and self.journal is not None:
