@@ -208,6 +208,7 @@ def _refusal(obj) -> str:
 
 
 _PICKLER = None
+_ATOMIC = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 def _pickler_class():
@@ -232,6 +233,8 @@ def _pickler_class():
             self.reached: set = set()
 
         def reducer_override(self, obj):
+            if type(obj) in _ATOMIC:  # most objects of a big list or dict: no hook applies
+                return NotImplemented
             numpy = sys.modules.get("numpy")
             if numpy is not None and type(obj) is numpy.ndarray and not obj.dtype.hasobject:
                 return obj.__reduce_ex__(5)
