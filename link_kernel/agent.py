@@ -211,10 +211,17 @@ def _refusal(obj) -> str:
 
 
 _PICKLER = None
+_ATOMIC = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 def _pickler_class():
-    """dill's pickler with Link's reducers (made once; numpy may come later)."""
+    """dill's pickler with Link's reducers (made once; numpy may come later).
+
+    Besides numpy's out-of-band buffers, process-bound refusals and the GPU hook,
+    it decides how classes and functions travel (see :func:`_code_reference`)
+    and, as it meets the notebook's own ones, notes the global names they use
+    in ``reached``: the one pass over the value finds what it needs.
+    """
     global _PICKLER
     if _PICKLER is not None:
         return _PICKLER
@@ -223,12 +230,24 @@ def _pickler_class():
     bound = _process_bound_types()
 
     class Pickler(dill.Pickler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            #: global names used by the notebook functions and classes pickled by value
+            self.reached: set = set()
+
         def reducer_override(self, obj):
+            if type(obj) in _ATOMIC:  # most objects of a big list or dict: no hook applies
+                return NotImplemented
             numpy = sys.modules.get("numpy")
             if numpy is not None and type(obj) is numpy.ndarray and not obj.dtype.hasobject:
                 return obj.__reduce_ex__(5)
+            if type(obj) is types.FunctionType or isinstance(obj, type):
+                return _code_reference(obj, self.reached)
             if isinstance(obj, bound):
                 raise Refused(_refusal(obj))
+            with_grad = _tensor_with_grad(obj)
+            if with_grad is not None:
+                return with_grad
             moved = _to_host_memory(obj)
             if moved is not None:
                 return _identity, (moved,)
@@ -242,14 +261,106 @@ def _identity(value):
     return value
 
 
+def _tensor_with_grad(obj):
+    """The reduction of a torch leaf tensor (a parameter, say) with its gradient; None
+    for anything else. torch's own reduction leaves ``.grad`` out, and a plain
+    kernel still has it after the cell (``loss.backward()``, then the cell ends).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.Tensor) or not obj.is_leaf:
+        return None
+    grad = obj.grad
+    if grad is None or obj.device.type != "cpu":
+        return None  # (a GPU tensor comes to the CPU through _to_host_memory)
+    reduced = obj.__reduce_ex__(5)
+    if not isinstance(reduced, tuple) or len(reduced) != 2:
+        return None
+    return _rebuilt_with_grad, (reduced[0], reduced[1], grad)
+
+
+def _rebuilt_with_grad(rebuild, args, grad):
+    tensor = rebuild(*args)
+    tensor.grad = grad
+    return tensor
+
+
+def _code_reference(obj, reached: set):
+    """How the pickler saves a class or a function: its qualified name, or by value.
+
+    One the notebook defined (``__main__``) goes by value, through dill, and the
+    global names its code uses go into ``reached``: the pickler meets its
+    methods, properties, base classes, closures and defaults as it goes, so
+    each of them adds its own. One that its module holds under its qualified
+    name goes by reference, looked up in ``sys.modules``: dill's own lookup
+    goes through the package's attributes and misses a submodule its package
+    deleted (``torch.optim`` deletes ``sgd``), and then pickles the library's
+    class by value, with every global its methods reach (and fails on one,
+    such as typing_extensions' sentinels, that must not be copied).
+    """
+    module = getattr(obj, "__module__", None)
+    if module == "__main__":
+        code = getattr(obj, "__code__", None)
+        if code is not None:
+            reached |= _code_globals(code)
+        return NotImplemented
+    qualname = getattr(obj, "__qualname__", None)
+    home = sys.modules.get(module) if isinstance(module, str) else None
+    if home is None or not isinstance(qualname, str) or "<locals>" in qualname:
+        return NotImplemented
+    found = home
+    for part in qualname.split("."):
+        found = getattr(found, part, _MISSING)
+        if found is _MISSING:
+            return NotImplemented
+    return qualname if found is obj else NotImplemented
+
+
+#: Bytecodes that name a global (or, in a class body, a name resolved as one).
+_GLOBAL_OPS = frozenset({
+    "LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME",
+    "DELETE_NAME", "LOAD_FROM_DICT_OR_GLOBALS",
+})
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_globals(code) -> frozenset:
+    """The global names a code object and the code nested in it use.
+
+    Read from the bytecode, so an attribute (``self.data``) is not taken for
+    the global ``data``.
+    """
+    import dis
+
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_OPS}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_globals(const)
+    return frozenset(n for n in names if isinstance(n, str))
+
+
+#: (id of the value, the global names its notebook code uses) of the last dumps.
+_LAST_REACHED: tuple = (None, frozenset())
+#: The same for every value pickled since the last export or result began
+#: (a value is pickled alone and again in its group: the log keeps both).
+_REACHED_LOG: dict = {}
+
+
 def dumps(value) -> tuple:
-    """(pickle bytes, out-of-band buffers) of a value."""
+    """(pickle bytes, out-of-band buffers) of a value.
+
+    The global names the notebook functions and classes in it use are kept
+    for :func:`_referenced_globals`.
+    """
     import io
 
+    global _LAST_REACHED
     buffers: list = []
     out = io.BytesIO()
     pickler = _pickler_class()(out, protocol=5, buffer_callback=buffers.append, byref=False)
+    _LAST_REACHED = (None, frozenset())
     pickler.dump(value)
+    _LAST_REACHED = (id(value), frozenset(pickler.reached))
+    _REACHED_LOG[id(value)] = _LAST_REACHED[1]
     _note_memo(pickler.memo)
     views = []
     for buf in buffers:
@@ -1239,25 +1350,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _global_names(code) -> set:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
-
-
 def _referenced_globals(value, ns: dict) -> set:
-    """Names of the notebook's namespace that a notebook function or class uses."""
-    found: set = set()
-    if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
-        found |= _global_names(value.__code__)
-    elif isinstance(value, type) and value.__module__ == "__main__":
-        for attr in vars(value).values():
-            func = getattr(attr, "__func__", attr)
-            if isinstance(func, types.FunctionType):
-                found |= _global_names(func.__code__)
-    return {n for n in found if n in ns}
+    """Names of the namespace ``ns`` that the notebook functions and classes a value
+    reaches use, however deep (in a list, an instance, a partial, an estimator).
+
+    Found while :func:`dumps` pickled the value (call it after); nothing if the
+    last value pickled was another one.
+    """
+    ident, names = _LAST_REACHED
+    if ident != id(value):
+        names = _REACHED_LOG.get(id(value), frozenset())
+    return {n for n in names if n in ns}
 
 
 def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -> str:
@@ -1275,6 +1378,8 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
     todo = list(dict.fromkeys(names))
     seen = set(todo)
     values: dict = {}
+    done: dict = {}
+    _REACHED_LOG.clear()
     while todo:
         name = todo.pop(0)
         if name not in ns or not _is_user_name(shell, name):
@@ -1284,12 +1389,19 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
         if isinstance(value, types.ModuleType):
             manifest["modules"][name] = value.__name__
             continue
-        for extra in sorted(_referenced_globals(value, ns) - seen):
+        try:
+            done[name] = _tracked_blob(value, algo)
+        except Exception as exc:
+            manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+        else:
+            values[name] = value
+        for extra in sorted(_referenced_globals(value, ns) - seen):  # found by the pickling
             if _is_user_name(shell, extra):
                 seen.add(extra)
                 todo.append(extra)
-        values[name] = value
-    manifest["values"], manifest["errors"] = _describe_all(values, algo, store)
+    manifest["values"], errors = _describe_all(values, algo, store, done=done)
+    manifest["errors"].update(errors)
+    manifest["unsent"] = unsent_names(shell, seen)
     _EXPORTED.clear()
     _EXPORTED.update(_last_memos)
     _last_memos.clear()
@@ -1334,6 +1446,22 @@ def _describe_all(values: dict, algo: str, store: str, origin: dict = None,
             entry["origins"] = found
         entries[name] = entry
     return entries, errors
+
+
+#: At most this many local names (of at most 64 characters) go with a cell for
+#: the NameError hint (see :func:`_explain_name_errors`): a few KiB at most.
+UNSENT_MAX = 2000
+
+
+def unsent_names(shell, sent) -> list:
+    """The user's local names that do not go with the cell (capped)."""
+    names = []
+    for name in shell.user_ns:
+        if len(names) >= UNSENT_MAX:
+            break
+        if name not in sent and len(name) <= 64 and _is_user_name(shell, name):
+            names.append(name)
+    return names
 
 
 def user_names(shell) -> list:
@@ -1823,6 +1951,7 @@ class Cell:
     def result(self) -> dict:
         """What changed: written blobs, deletions and serialization failures."""
         ns = self.shell.user_ns
+        _REACHED_LOG.clear()
         now = {n: v for n, v in ns.items() if _is_user_name(self.shell, n)}
         if self.outputs is not None:
             changed = [n for n in self.outputs if n in now]
@@ -1849,6 +1978,7 @@ class Cell:
         out["values"], out["errors"] = _describe_all(values, self.algo, self.store, self.origin,
                                                      done)
         _last_memos.clear()
+        _bring_reached(self, out, now, values)
         if self.cap:
             trim_store(self.store, self.cap)
         return out
@@ -1883,6 +2013,46 @@ class Cell:
             if blob_id != self._input_id(name):
                 changed.update({n: now[n] for n in names})
         return changed
+
+
+def _bring_reached(cell: Cell, out: dict, now: dict, values: dict) -> None:
+    """With ``out=``, the names the code in the outputs uses come back too, if this
+    cell bound them: a class made here must work locally, with its globals.
+
+    (Without ``out=`` every name the cell bound comes back anyway, and the
+    others are the local kernel's own.)
+    """
+    if cell.outputs is None:
+        return
+    ns = cell.shell.user_ns
+    reached: set = set()
+    for value in values.values():
+        reached |= _referenced_globals(value, ns)
+    done = set(cell.outputs)
+    todo = sorted(reached - done)
+    extra: dict = {}
+    while todo:
+        name = todo.pop(0)
+        if name in done or name not in now or not _is_user_name(cell.shell, name):
+            continue
+        done.add(name)
+        value = now[name]
+        if name in cell.before and value is cell.before[name]:
+            continue  # the local kernel has it
+        if isinstance(value, types.ModuleType):
+            out["modules"][name] = value.__name__
+            continue
+        extra[name] = value
+        try:
+            dumps(value)  # finds the names its own code uses
+        except Exception:
+            continue  # reported by _describe_all below
+        todo.extend(sorted(_referenced_globals(value, ns) - done))
+    if extra:
+        entries, errors = _describe_all(extra, cell.algo, cell.store, cell.origin)
+        out["values"].update(entries)
+        out["errors"].update(errors)
+        _last_memos.clear()
 
 
 def install(shell, wrap: bool = True) -> None:
@@ -1957,8 +2127,11 @@ def _lean_exit(shell, kernel) -> None:
                 # (the loop's stop can run before the queued send), and the router
                 # would wait for it forever.
                 atexit.unregister(app.iopub_thread.stop)
+                global _IOPUB
+                _IOPUB = app.iopub_thread
     except ImportError:
         pass
+    _keep_messaging_up()
 
     def remove_tempfiles() -> None:
         for path in list(getattr(shell, "tempfiles", [])):
@@ -2030,6 +2203,43 @@ def flush_open_files() -> None:
 #: Held while the exit is prepared; True once it is.
 _EXIT_LOCK = threading.Lock()
 _EXIT_PREPARED = False
+#: ipykernel's IOPub thread, which sends every iopub message (see _drain_iopub).
+_IOPUB = None
+
+
+def _keep_messaging_up() -> None:
+    """Keep pyzmq's own exit hook out of the early exit (:func:`prepare_exit`).
+
+    That hook stops pyzmq's garbage collector, which every zero-copy send (any
+    frame over 64 KiB: a big ``link_result``, a long stream) relies on: run while
+    the IOPub thread still sends, the frame's memory is freed under libzmq (the
+    router sees a bad signature) or the send fails half-way. The process ends by
+    ``os._exit``, which needs no hook of pyzmq's.
+    """
+    import atexit
+
+    try:  # imported now: pyzmq imports it at the first zero-copy send, hook and all
+        from zmq.utils.garbage import gc
+    except ImportError:
+        return
+    atexit.unregister(gc._atexit)
+
+
+def _drain_iopub(timeout: float = 10.0) -> None:
+    """Wait until the IOPub thread has handed every message queued so far to zmq.
+
+    Messages are queued for that thread in order, so a marker queued now runs
+    after the cell's last message (``link_result``) has left the process's hands.
+    """
+    thread = _IOPUB
+    if thread is None or threading.current_thread() is getattr(thread, "thread", None):
+        return
+    sent = threading.Event()
+    try:
+        thread.schedule(sent.set)
+    except Exception:
+        return
+    sent.wait(timeout)
 
 
 def prepare_exit() -> None:
@@ -2046,6 +2256,7 @@ def prepare_exit() -> None:
     with _EXIT_LOCK:
         if _EXIT_PREPARED:
             return
+        _drain_iopub()  # the hooks run once the cell's messages are out, not during
         try:
             atexit._run_exitfuncs()
         finally:
@@ -2088,6 +2299,7 @@ def _wrap_execute(shell, kernel, original):
             return None
         state = CellState(shell, instructions) if "state" in instructions else None
         loaded = time.perf_counter() - started
+        _explain_name_errors(shell, instructions)
         replying = _ReplyCopy(stream)
         result = None
         try:
@@ -2132,6 +2344,48 @@ def _wrap_execute(shell, kernel, original):
 
     execute_request.__wrapped__ = original
     return execute_request
+
+
+#: What the NameError hint of the running cell needs: the host's name, the names
+#: the cell was sent, and the local names it was not.
+_UNSENT: dict = {}
+
+
+def _explain_name_errors(shell, instructions: dict) -> None:
+    """Make a NameError for a name the local kernel has say so, and how to send it.
+
+    A name the cell reaches dynamically (``eval('df1')``, ``globals()[name]``)
+    is invisible to the router's analysis, so it is not sent. IPython's
+    custom exception hook rewrites the message of such a NameError and shows
+    the cell's own traceback as usual. A handler the user set is left alone.
+    """
+    _UNSENT.clear()
+    _UNSENT.update(
+        host=str(instructions.get("host") or "this host"),
+        names=set(instructions.get("unsent") or ()),
+        sent=sorted({*(instructions.get("inputs") or {}), *(instructions.get("modules") or {})}),
+    )
+    if not _UNSENT["names"]:
+        return
+    if getattr(shell, "custom_exceptions", None) == ():  # once: the handler reads _UNSENT
+        shell.set_custom_exc((NameError,), _name_error_shown)
+
+
+def _name_error_shown(shell, etype, value, tb, tb_offset=None):
+    name = getattr(value, "name", None)
+    if (
+        isinstance(name, str)
+        and name in _UNSENT.get("names", ())
+        and name not in shell.user_ns
+        and value.args == (f"name {name!r} is not defined",)
+    ):
+        names = ",".join([*_UNSENT["sent"], name])
+        value.args = (
+            f"name {name!r} is not defined on {_UNSENT['host']}; it exists in the local kernel, "
+            "but the cell does not name it directly, so Link did not send it: add "
+            f"in={names} to the routing comment",
+        )
+    shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
 
 
 class _ReplyCopy:

@@ -46,6 +46,7 @@ from ..errors import (
     KernelDiedError,
     KernelStartError,
     LinkError,
+    TransferError,
     TransportError,
 )
 from ..hosts import HostConfig
@@ -595,7 +596,9 @@ class RemoteBackend(Backend):
         def on_iopub(frames, i, msg_type, parent_id):
             if msg_type == "link_result":
                 if parent_id == request.msg_id and not result.done():
-                    content = conn.unpack(frames[i:])["content"]
+                    content = self._unpack_result(conn, frames[i:], result)
+                    if content is None:
+                        return
                     if release and isinstance(content.get("reply"), dict):
                         self._ask_to_end(kernel)
                     result.set_result(content)
@@ -613,7 +616,7 @@ class RemoteBackend(Backend):
 
         conn.on_iopub = on_iopub
         conn.on_stdin = self.relay.on_stdin_request
-        link = {"count": request.execution_count, "release": release}
+        link = {"count": request.execution_count, "release": release, "host": self.name}
         transport = self._transport()
         link.update(self.sync.instructions(inputs, plan, transport.blob_dir, self.algo))
         if self._state_out is not None:
@@ -645,6 +648,19 @@ class RemoteBackend(Backend):
             if outputs.ready:
                 self.last["ready"] = outputs.ready
         return reply, outputs
+
+    def _unpack_result(self, conn: KernelConnection, frames, result: asyncio.Future) -> dict | None:
+        """The content of a ``link_result``; None (and the cell fails) if it does not verify.
+
+        The message carries the cell's results: one that arrives damaged must
+        fail the cell, never leave it looking as if it had given nothing back.
+        """
+        try:
+            return conn.unpack(frames)["content"]
+        except ValueError as exc:
+            msg = f"the results of the cell on {self.name} did not arrive whole: {exc}"
+            result.set_exception(TransferError(msg))
+            return None
 
     async def _finished(self, conn: KernelConnection, pending: Pending, result: asyncio.Future) -> dict:
         """The cell's reply, as soon as the cell is over.

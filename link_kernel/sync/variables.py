@@ -87,6 +87,8 @@ class Inputs:
     modules: dict[str, str] = field(default_factory=dict)
     placeholders: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: Local names not sent (capped), for the host's NameError hint.
+    unsent: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:  # a group blob (values that share objects) counts once
@@ -184,6 +186,7 @@ class VariableSync:
             modules=manifest["modules"],
             placeholders=manifest.get("placeholders", []),
             seconds=time.perf_counter() - started,
+            unsent=manifest.get("unsent", []),
         )
 
     def instructions(self, inputs: Inputs, plan: Plan, store: str, algo: str) -> dict[str, Any]:
@@ -197,6 +200,7 @@ class VariableSync:
             "inplace": plan.inplace,
             "outputs": plan.outputs,
             "cap": self.cap,
+            "unsent": inputs.unsent,
         }
 
     async def apply(self, outputs: Outputs) -> list[dict[str, str]]:
