@@ -218,6 +218,16 @@ class Cache:
             self._delete_blobs(dropped, records)
         return dropped
 
+    def drop(self, key: str) -> Entry | None:
+        """Drop the entry of ``key`` (one that would not restore); return it, or None."""
+        with self._records() as records:
+            record = records.pop(key, None)
+            if record is None:
+                return None
+            entry = Entry.from_record(key, record)
+            self._delete_blobs([entry], records)
+            return entry
+
     def evict(self) -> list[Entry]:
         """Evict least recently used entries down to the limit; return the evicted ones."""
         with self._records() as records:
