@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from link_kernel import agent
-from link_kernel.pipeline.cache import INDEX_NAME, Cache, Entry, format_age
+from link_kernel.pipeline.cache import INDEX_NAME, Cache, Entry
+from link_kernel.pipeline.units import format_age
 
 MiB = 2**20
 

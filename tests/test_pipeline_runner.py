@@ -19,7 +19,8 @@ from link_kernel.errors import HostUnreachableError, PipelineCycleError, Unknown
 from link_kernel.pipeline.cache import Cache
 from link_kernel.pipeline.component import Component
 from link_kernel.pipeline.graph import Graph
-from link_kernel.pipeline.runner import Ran, Report, Runner, Step, format_seconds
+from link_kernel.pipeline.runner import Ran, Report, Runner, Step
+from link_kernel.pipeline.units import format_seconds
 
 ALGO = "sha256"
 
@@ -315,3 +316,50 @@ def test_step_lines():
     assert Step("clean", "ran", target="gpu", seconds=3.2).line == "clean: ran on gpu in 3.2 s"
     assert Step("load", "restored", saved=41).line == "load: from cache, saved 41 s"
     assert Step("x", "failed", seconds=0.5).line == "x: failed after 0.50 s"
+
+
+# -- states for %link pipeline ---------------------------------------------------------------
+
+
+def states(runner: Runner) -> dict[str, str]:
+    return {row.name: row.state for row in asyncio.run(runner.states())}
+
+
+def test_states_follow_the_runs(store):
+    runner, notebook, graph = setup(store)
+    assert set(states(runner).values()) == {"never run"}
+    run_cell(runner, notebook, "left_report")
+    assert states(runner) == {
+        "load": "fresh",
+        "clean": "fresh",
+        "left": "fresh",
+        "right": "never run",
+        "left_report": "fresh",
+        "right_report": "never run",
+    }
+    notebook.ns["scale"] = 5  # left reads it: its result is not the current one
+    assert states(runner)["left"] == "stale" and states(runner)["left_report"] == "stale"
+    notebook.ns["scale"] = 2
+    assert states(runner)["left"] == "fresh"
+    # after a restart the results are on disk, not in the namespace
+    runner, notebook, graph = setup(store)
+    now = states(runner)
+    assert (now["load"], now["left_report"], now["right"]) == ("cached", "cached", "never run")
+    rows = {row.name: row for row in asyncio.run(runner.states())}
+    assert (rows["load"].target, round(rows["load"].seconds, 6)) == ("local", 3.2)
+    assert rows["right"].target == "gpu", "where its routing comment says"
+
+
+def test_a_failed_component_and_a_broken_one_are_listed(store):
+    cells = {
+        "load": "# link: name=load\nraise RuntimeError('no data')\n",
+        "use": "# link: name=use after=load\nx = 1\n",
+        "orphan": "# link: name=orphan after=ghost\ny = 1\n",
+    }
+    runner, notebook, _ = setup(store, cells)
+    go(runner, "use")
+    rows = {row.name: row for row in asyncio.run(runner.states())}
+    assert rows["load"].state == "failed"
+    assert rows["use"].state == "never run"
+    assert rows["orphan"].state == "never run"
+    assert "unknown parent 'ghost'" in rows["orphan"].problem

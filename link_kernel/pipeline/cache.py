@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import UNCHECKED, store_parts
+from .units import format_age, format_size
 
 log = logging.getLogger(__name__)
 
@@ -383,20 +384,3 @@ class Cache:
                         path.unlink()
                 except OSError:
                     continue
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def format_age(seconds: float) -> str:
-    """``42 s``, ``5 min``, ``3 h``, ``2 d``."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size:.0f} {unit}"
-    return f"{seconds:.0f} s"

@@ -29,10 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import LinkError
-from .cache import Cache, Entry, format_size
+from ..errors import LinkError, PipelineError
+from .cache import Cache, Entry
 from .component import Component
 from .graph import Topology
+from .picture import Row
+from .units import format_seconds, format_size
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,9 @@ class Runner:
         self.cache = cache
         self.cells = cells
         self.clock = clock
+        #: component -> (the key it last ran or was restored at, what happened): what the
+        #: notebook's namespace holds, for the states of ``%link pipeline``.
+        self.last: dict[str, tuple[str, Step]] = {}
 
     async def prepare(self, name: str) -> Report:
         """Bring the ancestors of ``name`` up to date; ``name`` itself does not run.
@@ -161,6 +166,7 @@ class Runner:
             if step is None:
                 step = await self._run(component, keys[each], report)
             report.steps.append(step)
+            self.last[each] = (keys[each], step)
             if step.action == "failed":
                 report.failure = step
                 break
@@ -170,9 +176,58 @@ class Runner:
         """Cache what the component ``name`` bound when the kernel ran it (shown), under the
         ``key`` :meth:`prepare` gave it; nothing for ``cache=off`` or a cell that raised."""
         component = self.graph.component(name)
+        action = "failed" if ran.error is not None else "ran"
+        self.last[name] = (key, Step(name, action, target=ran.target, seconds=seconds))
         if not component.cache or ran.error is not None:
             return None
         return await asyncio.to_thread(self._put, component, key, ran, seconds)
+
+    async def states(self) -> list[Row]:
+        """Every component with its state (see :mod:`.picture`), for ``%link pipeline``.
+
+        Asks for the hashes of the values the components read, as :meth:`prepare` does;
+        runs nothing. A component whose ancestry is broken (unknown parent, cycle) is
+        listed with the error.
+        """
+        names = list(self.graph.names)
+        external: dict[str, frozenset[str]] = {}
+        problems: dict[str, str] = {}
+        for name in names:
+            try:
+                external[name] = self.graph.external_reads(name)
+            except PipelineError as exc:
+                problems[name] = exc.message
+        wanted = frozenset().union(*external.values())
+        hashes = dict(await self.cells.hashes(wanted)) if wanted else {}
+        inputs = {n: {v: hashes[v] for v in reads if v in hashes} for n, reads in external.items()}
+        keys = {n: self.graph.keys(n, inputs)[n] for n in external}
+        valid = await asyncio.to_thread(lambda: {k for k in keys.values() if k in self.cache})
+        entries = await asyncio.to_thread(self.cache.entries)
+        newest: dict[str, Entry] = {}
+        for entry in entries:  # most recently used first
+            newest.setdefault(entry.component, entry)
+        rows = []
+        for name in names:
+            component = self.graph.component(name)
+            key, last = keys.get(name), self.last.get(name)
+            entry = newest.get(name)
+            if last is not None and last[1].action == "failed" and last[0] in (key, None):
+                state = "failed"
+            elif last is not None and key is not None and last[0] == key:
+                state = "fresh"
+            elif key in valid and component.cache:
+                state = "cached"
+            elif last is not None or entry is not None:
+                state = "stale"
+            else:
+                state = "never run"
+            target, seconds = "|".join(component.targets), None
+            if last is not None and last[1].action != "restored":
+                target, seconds = last[1].target or target, last[1].seconds
+            elif entry is not None:
+                target, seconds = entry.target or target, entry.seconds
+            rows.append(Row(name, component.parents, state, target, seconds, problems.get(name, "")))
+        return rows
 
     async def _restore(self, component: Component, key: str) -> Step | None:
         entry = await asyncio.to_thread(self.cache.hit, key)
@@ -230,16 +285,3 @@ class Runner:
         if entry is None and ran.values:
             log.info("pipeline: %s not cached (limit %s)", component.name, format_size(self.cache.limit))
         return entry
-
-
-def format_seconds(seconds: float) -> str:
-    """``0.35 s``, ``3.2 s``, ``41 s``, ``2 min 5 s``."""
-    seconds = max(0.0, seconds)
-    if seconds < 1:
-        return f"{seconds:.2f} s"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest} s" if rest else f"{minutes} min"
