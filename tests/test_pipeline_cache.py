@@ -167,6 +167,18 @@ def test_a_blob_two_entries_share_counts_once_and_stays_while_one_holds_it(store
     assert not (store / shared["id"]).exists()
 
 
+def test_evicting_an_entry_frees_nothing_of_a_blob_another_entry_still_holds(store, clock):
+    cache = Cache(store, limit=int(2.5 * MiB), clock=clock)
+    a, b, c = big(store, 1), big(store, 2), big(store, 3)
+    cache.put("k1", "load", {"x": a})
+    clock.tick()
+    cache.put("k2", "clean", {"x": a, "y": b})
+    clock.tick()
+    cache.put("k3", "train", {"x": c})
+    assert [e.key for e in cache.entries()] == ["k3"], "dropping k1 alone freed nothing"
+    assert cache.size <= cache.limit
+
+
 def test_a_blob_the_variable_sync_used_later_is_left_to_the_store(store, clock):
     cache = Cache(store, clock=clock)
     df = big(store, 1)
@@ -273,3 +285,41 @@ def test_two_kernels_putting_at_once_lose_no_entry(store):
         assert proc.wait(timeout=120) == 0
     keys = {e.key for e in Cache(store).entries()}
     assert keys == {f"{who}-{i}" for who in "ab" for i in range(25)}
+
+
+# -- properties ----------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 5), st.lists(st.integers(0, 6), min_size=1, max_size=3)),
+        st.tuples(st.just("hit"), st.integers(0, 5), st.just([])),
+        st.tuples(st.just("clear"), st.integers(0, 5), st.just([])),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(_OPS)
+def test_any_sequence_keeps_the_limit_and_every_kept_entry_whole(tmp_path_factory, ops):
+    store = tmp_path_factory.mktemp("prop") / "blobs"
+    clock = Clock()
+    values = [bytes([i]) * (100_000 + i) for i in range(7)]  # blobs over the inline size
+    ids = [blob(store, v)["id"] for v in values]
+    cache = Cache(store, limit=350_000, clock=clock)
+    for op, key, blobs in ops:
+        clock.tick()
+        if op == "put":
+            cache.put(f"k{key}", f"c{key % 3}", {f"v{i}": ids[b] for i, b in enumerate(blobs)})
+        elif op == "hit":
+            cache.hit(f"k{key}")
+        else:
+            cache.clear(f"c{key % 3}")
+        assert cache.size <= cache.limit
+        for entry in cache.entries():
+            assert entry.key in cache, "no kept entry lost a blob"
+            for name, blob_id in entry.outputs.items():
+                assert agent.read_blob(str(store), blob_id) == values[ids.index(blob_id)]

@@ -60,7 +60,9 @@ class Cells(Protocol):
 
     async def hashes(self, names: frozenset[str]) -> Mapping[str, str]:
         """The content hash of each of ``names`` that the notebook's namespace holds
-        (those it lacks are left out), as the variable sync names blobs."""
+        (those it lacks are left out), as the variable sync names blobs (the agent's
+        ``blob_of(value, algo)[0]``). A module gets its name (``module:numpy``); a value
+        that cannot be pickled gets a token that never repeats, so its readers always run."""
 
     async def run(self, component: Component) -> Ran:
         """Run ``component.source`` where its routing comment says, its outputs hidden,
