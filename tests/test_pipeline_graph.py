@@ -53,6 +53,7 @@ def test_a_cell_becomes_a_component():
     assert component.code == "\nmodel = fit(df, lr)\nscore = model.score(df)\n", "the routing line blanked"
     assert {"fit", "df", "lr"} <= component.reads
     assert {"model", "score"} <= component.binds
+    assert cell("# link: name=tidy", "del scratch\n").deletes == {"scratch"}
 
 
 def test_a_cell_without_a_name_is_no_component():
@@ -74,7 +75,7 @@ def test_a_malformed_cell_is_a_routing_error():
 
 def test_code_that_does_not_parse_is_still_a_component():
     component = cell("# link: name=broken", "def (:\n")
-    assert (component.reads, component.binds) == (frozenset(), frozenset())
+    assert (component.reads, component.binds, component.deletes) == (frozenset(),) * 3
 
 
 def test_the_code_hash_ignores_the_routing_comment_and_line_endings():

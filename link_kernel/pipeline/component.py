@@ -21,8 +21,9 @@ from .. import routing
 class Component:
     """A named cell with parents.
 
-    ``targets`` is empty for the notebook's default target. ``reads`` and ``binds`` are
-    the module-level names the code reads and binds (see :mod:`link_kernel.sync.analysis`);
+    ``targets`` is empty for the notebook's default target. ``reads``, ``binds`` and
+    ``deletes`` are the module-level names the code reads, may bind and surely deletes
+    (see :mod:`link_kernel.sync.analysis`);
     empty when the code does not parse, which the kernel reports when it runs it.
     ``source`` is the cell as the frontend sent it: what the kernel runs.
     """
@@ -36,6 +37,7 @@ class Component:
     outputs: tuple[str, ...] | None = None
     reads: frozenset[str] = frozenset()
     binds: frozenset[str] = frozenset()
+    deletes: frozenset[str] = frozenset()
     source: str = field(default="", compare=False)
 
     @classmethod
@@ -49,7 +51,7 @@ class Component:
         if route.name is None:
             return None
         code = _blank_first_line(cell.code)
-        reads, binds = _names(cell.code)
+        reads, binds, deletes = _names(cell.code)
         return cls(
             name=route.name,
             parents=route.after,
@@ -60,6 +62,7 @@ class Component:
             outputs=route.outputs,
             reads=reads,
             binds=binds,
+            deletes=deletes,
             source=source,
         )
 
@@ -90,11 +93,11 @@ def _blank_first_line(code: str) -> str:
     return first[len(first.rstrip("\r\n")) :] + "".join(lines[1:])
 
 
-def _names(code: str) -> tuple[frozenset[str], frozenset[str]]:
+def _names(code: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     from ..sync.analysis import analyze
 
     try:
         names = analyze(code)
     except SyntaxError:
-        return frozenset(), frozenset()
-    return names.reads, names.binds | names.deletes
+        return frozenset(), frozenset(), frozenset()
+    return names.reads, names.binds, names.deletes

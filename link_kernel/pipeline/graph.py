@@ -167,7 +167,7 @@ class Graph:
         whose content hashes go into its key."""
         bound: set[str] = set()
         for ancestor in self.ancestors(name):
-            bound |= self._components[ancestor].binds
+            bound |= self._components[ancestor].binds | self._components[ancestor].deletes
         return self._components[name].reads - bound
 
     def keys(self, name: str, inputs: Mapping[str, Mapping[str, str]]) -> dict[str, str]:

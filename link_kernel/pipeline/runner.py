@@ -53,6 +53,8 @@ class Ran:
     modules: dict[str, str] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    #: Names it bound that cannot be saved (name -> reason): the result is not cached.
+    unsaved: dict[str, str] = field(default_factory=dict)
 
 
 class Cells(Protocol):
@@ -180,7 +182,7 @@ class Runner:
         component = self.graph.component(name)
         action = "failed" if ran.error is not None else "ran"
         self.last[name] = (key, Step(name, action, target=ran.target, seconds=seconds))
-        if not component.cache or ran.error is not None:
+        if not component.cache or ran.error is not None or ran.unsaved:
             return None
         return await asyncio.to_thread(self._put, component, key, ran, seconds)
 
@@ -268,6 +270,10 @@ class Runner:
         step = Step(component.name, "ran", target=ran.target, seconds=seconds)
         if not component.cache:
             step.cached = False
+            return step
+        if ran.unsaved:
+            name, reason = next(iter(ran.unsaved.items()))
+            step.cached, step.why = False, f"not cached: {name!r} cannot be saved: {reason}"
             return step
         entry = await asyncio.to_thread(self._put, component, key, ran, seconds)
         if entry is None:
