@@ -187,6 +187,12 @@ def test_two_cells_with_one_name_are_told_apart_by_cell_id():
     assert graph.component("load").code_hash == cell("# link: name=load", "df = 1\n").code_hash, "left as it was"
 
 
+def test_a_cell_whose_code_moved_to_a_new_cell_can_replace_the_old_one():
+    graph = Graph([cell("# link: name=load", "df = 1\n", cell_id="c1")])
+    graph.add(cell("# link: name=load", "df = 2\n", cell_id="c2"), replace_other=True)
+    assert (graph.component("load").cell_id, len(graph)) == ("c2", 1)
+
+
 def test_the_same_cell_run_again_with_new_code_replaces_its_component():
     graph = Graph([cell("# link: name=load", "df = 1\n", cell_id="c1")])
     old = graph.add(cell("# link: gpu name=load", "df = 2\n", cell_id="c1"))

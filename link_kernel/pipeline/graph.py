@@ -93,18 +93,20 @@ class Graph:
 
     # -- changes ---------------------------------------------------------------------
 
-    def add(self, component: Component) -> Component | None:
+    def add(self, component: Component, *, replace_other: bool = False) -> Component | None:
         """Add or replace a component; return the one it replaced, if any.
 
         A cell run again replaces its component, even with new code: it is the same cell
         when the cell ids match, or when either has none (a frontend that sends no cell id
         cannot tell an edited cell from another one; the saved notebook can, see
         :meth:`of_notebook`). Two cell ids that differ are two cells: a
-        :class:`DuplicateComponentError`, and the graph is left as it was. A cell renamed
-        (its id seen before under another name) drops its old component.
+        :class:`DuplicateComponentError`, and the graph is left as it was, unless
+        ``replace_other`` (the kernel found that the other cell is gone from the saved
+        notebook: the code moved to a new cell). A cell renamed (its id seen before under
+        another name) drops its old component.
         """
         old = self._components.get(component.name)
-        if old is not None and old.cell_id and component.cell_id:
+        if old is not None and old.cell_id and component.cell_id and not replace_other:
             if old.cell_id != component.cell_id:
                 raise DuplicateComponentError(component.name, [old.label, component.label])
         if old is not None and component.cell_id is None and old.cell_id:

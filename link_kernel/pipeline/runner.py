@@ -121,7 +121,10 @@ class Report:
         if self.failure is None or self.error is None:
             return None
         where = f" on {self.failure.target}" if self.failure.target else ""
-        head = f"The parent component {self.failure.name!r} failed{where}; {self.name!r} did not run."
+        head = (
+            f"The parent component {self.failure.name!r} failed{where}; "
+            f"{self.name!r} did not run."
+        )
         return {
             "ename": self.error.get("ename", "Error"),
             "evalue": self.error.get("evalue", ""),
@@ -230,7 +233,8 @@ class Runner:
                 target, seconds = last[1].target or target, last[1].seconds
             elif entry is not None:
                 target, seconds = entry.target or target, entry.seconds
-            rows.append(Row(name, component.parents, state, target, seconds, problems.get(name, "")))
+            problem = problems.get(name, "")
+            rows.append(Row(name, component.parents, state, target, seconds, problem))
         return rows
 
     async def _restore(self, component: Component, key: str) -> Step | None:
@@ -291,5 +295,6 @@ class Runner:
             target=ran.target,
         )
         if entry is None and ran.values:
-            log.info("pipeline: %s not cached (limit %s)", component.name, format_size(self.cache.limit))
+            limit = format_size(self.cache.limit)
+            log.info("pipeline: %s not cached (limit %s)", component.name, limit)
         return entry
