@@ -9,6 +9,10 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     ├── RoutingError                  the cell's routing comment or %link line is wrong
     │   ├── UnknownTargetError        a target that is neither local nor a known host
     │   └── ResourceOptionError       gpus=/cpus=/mem=/time=/partition= for a target without Slurm
+    ├── PipelineError                 the notebook's pipeline cannot run as declared
+    │   ├── UnknownComponentError     a parent (or %link run NAME) that no cell declares
+    │   ├── PipelineCycleError        components that are each other's ancestors
+    │   └── DuplicateComponentError   two different cells declare one name
     ├── HostConfigError               the host registry or an ssh config entry is wrong
     ├── KernelSpecSourceError         the package's kernelspec folder is missing or unreadable
     ├── TransportError                reaching a host failed
@@ -80,6 +84,45 @@ class ResourceOptionError(RoutingError):
             hint=f"Remove {option.split('=')[0]}= from the routing comment, or register a Slurm "
             "host with 'link-kernel hosts add ALIAS [user@]LOGIN --slurm'.",
         )
+
+
+class PipelineError(LinkError):
+    hint = "Fix the routing comments of the pipeline's cells; nothing has run."
+
+
+class UnknownComponentError(PipelineError):
+    """``child`` (None for ``%link run NAME``) names ``name``, which no cell declares."""
+
+    def __init__(self, name: str, known: list[str], child: str | None = None) -> None:
+        self.name = name
+        self.known = list(known)
+        self.child = child
+        listed = ", ".join(self.known) if self.known else "none yet"
+        where = f"component {child!r} names an unknown parent" if child else "unknown component"
+        msg = f"{where} {name!r}; known components: {listed}"
+        super().__init__(
+            msg,
+            hint="Fix the name in after=, or run the cell that declares it with name= first.",
+        )
+
+
+class PipelineCycleError(PipelineError):
+    """``cycle`` lists components in run order, the first repeated at the end."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        self.cycle = list(cycle)
+        msg = f"the pipeline has a cycle: {' -> '.join(self.cycle)}"
+        super().__init__(msg, hint="Remove one of these parents from an after= to break it.")
+
+
+class DuplicateComponentError(PipelineError):
+    """Two different cells (``cells``: their ids or first lines) declare ``name``."""
+
+    def __init__(self, name: str, cells: list[str]) -> None:
+        self.name = name
+        self.cells = list(cells)
+        msg = f"two cells declare the component {name!r}: {' and '.join(self.cells)}"
+        super().__init__(msg, hint="Give each of these cells its own name=, or delete one.")
 
 
 class HostConfigError(LinkError):

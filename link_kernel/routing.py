@@ -13,6 +13,9 @@ A cell's first line may be a routing comment::
     # link: gpu files=off timeout=3600
     # link: cluster gpus=1 cpus=8 mem=32G time=2:00:00 partition=gpu
     # link: files=off                    options only: the notebook's default target
+    # link: name=load                    a pipeline component (see DESIGN.md "Pipelines")
+    # link: gpu name=train after=load,clean   on gpu, after two parent components
+    # link: name=report after=train cache=off always runs, never cached
 
 Lines that start with ``%link`` are router commands (see :data:`COMMANDS`); they
 are taken out of the code (blanked, so line numbers keep matching the cell)
@@ -60,6 +63,9 @@ OPTIONS = (
     "mem",
     "time",
     "partition",
+    "name",
+    "after",
+    "cache",
 )
 #: Options that ask a scheduler for resources; they travel as strings.
 RESOURCE_OPTIONS = ("gpus", "cpus", "mem", "time", "partition")
@@ -82,6 +88,10 @@ class Route:
     timeout: float | None = None
     resources: tuple[tuple[str, str], ...] = ()
     commented: bool = False
+    #: Pipeline: the component's name, its parents' names, whether results are cached.
+    name: str | None = None
+    after: tuple[str, ...] = ()
+    cache: bool = True
 
     @property
     def is_local(self) -> bool:
@@ -258,6 +268,7 @@ def _parse_route(rest: str) -> Route:
     if values.get("keep") and not targets:
         msg = "'keep' needs a target before it, as in '# link: gpu keep'"
         raise RoutingError(msg)
+    _check_component(values)
     return Route(resources=tuple(resources), **values)  # type: ignore[arg-type]
 
 
@@ -300,6 +311,53 @@ def _timeout(value: str) -> float:
     return seconds
 
 
+def _component_name(value: str) -> str:
+    if not value.isidentifier() or keyword.iskeyword(value):
+        msg = f"name={value!r}: give the component a Python name, such as name=load"
+        raise RoutingError(msg)
+    return value
+
+
+def _after(value: str) -> tuple[str, ...]:
+    if not value:
+        msg = "after='': name the parent components, as in after=load,clean"
+        raise RoutingError(msg)
+    names = tuple(value.split(","))
+    for name in names:
+        if not name.isidentifier() or keyword.iskeyword(name):
+            msg = (
+                f"bad parent {name!r} in after={value}: give component names "
+                "separated by commas, as in after=load,clean"
+            )
+            raise RoutingError(msg)
+        if names.count(name) > 1:
+            msg = f"parent {name!r} appears twice in after={value}: name each parent once"
+            raise RoutingError(msg)
+    return names
+
+
+def _cache(value: str) -> bool:
+    if value in ("on", "off"):
+        return value == "on"
+    msg = f"cache={value!r}: use cache=on or cache=off"
+    raise RoutingError(msg)
+
+
+def _check_component(values: dict[str, object]) -> None:
+    """after= and cache= belong to a component: they need name=, which is not a parent."""
+    name = values.get("name")
+    for key, given in (("after", "after" in values), ("cache", "cache" in values)):
+        if given and name is None:
+            msg = (
+                f"{key}= is for pipeline components: name this cell too, "
+                f"as in '# link: name=NAME {key}=...'"
+            )
+            raise RoutingError(msg)
+    if name is not None and name in values.get("after", ()):  # type: ignore[operator]
+        msg = f"component {name!r} names itself in after=: a component cannot be its own parent"
+        raise RoutingError(msg)
+
+
 def _kernel(value: str) -> str:
     if not _NAME.fullmatch(value):
         msg = f"kernel={value!r}: give a kernelspec name such as kernel=python3"
@@ -330,6 +388,9 @@ _PARSERS = {
     "out": _names("out"),
     "files": _files,
     "timeout": _timeout,
+    "name": _component_name,
+    "after": _after,
+    "cache": _cache,
 }
 
 

@@ -5,6 +5,7 @@ Pure and fast: no kernel, no I/O. Tables first, then hypothesis properties.
 
 from __future__ import annotations
 
+import keyword
 import math
 import re
 
@@ -377,8 +378,12 @@ def test_any_option_given_twice_is_refused(option):
         "mem": "mem=1G",
         "time": "time=1",
         "partition": "partition=p",
+        "name": "name=a",
+        "after": "after=a",
+        "cache": "cache=off",
     }[option]
-    err = refused(f"# link: gpu {value} {value}")
+    named = "name=c " if option in ("after", "cache") else ""
+    err = refused(f"# link: gpu {named}{value} {value}")
     assert f"option {option!r} given twice" in str(err)
 
 
@@ -393,8 +398,9 @@ def test_unknown_option_lists_every_valid_option(token):
     err = refused(f"# link: gpu {token}")
     message = str(err)
     assert "unknown option" in message
-    assert "valid: cpus, files, gpus, in, keep, kernel, mem, out, partition, time, timeout" in (
-        message
+    assert (
+        "valid: after, cache, cpus, files, gpus, in, keep, kernel, mem, name, out, partition, "
+        "time, timeout" in message
     )
     assert all(option in message for option in OPTIONS)
 
@@ -431,6 +437,115 @@ def test_timeout_is_a_positive_finite_float(value):
     assert isinstance(timeout, float)
     assert timeout == float(value)
     assert timeout > 0 and math.isfinite(timeout)
+
+
+# -- pipeline components -------------------------------------------------------------
+
+COMPONENTS = [
+    ("# link: name=load", routed(name="load")),
+    ("# link: gpu name=train after=load,clean", routed("gpu", name="train", after=("load", "clean"))),
+    (
+        "# link: name=report after=train cache=off",
+        routed(name="report", after=("train",), cache=False),
+    ),
+    ("# link: name=load cache=on", routed(name="load")),
+    ("# link: gpu|local keep name=fit files=off", routed("gpu", "local", keep=True, name="fit", files=False)),
+    ("# link: after=a,b name=c", routed(name="c", after=("a", "b"))),
+    ("# link: name=_step2 after=données", routed(name="_step2", after=("données",))),
+    ("# link: name=load # the raw data", routed(name="load")),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), COMPONENTS, ids=[c[0] for c in COMPONENTS])
+def test_component_keys(line, expected):
+    cell = f"{line}\ndf = load()\n"
+    parsed = parse(cell)
+    assert parsed.route == expected
+    assert parsed.code == cell, "the routing comment stays in the code"
+
+
+def test_a_comment_with_only_pipeline_keys_runs_on_the_default_target():
+    route = route_of("# link: name=report after=train cache=off")
+    assert route.targets == ()
+    assert route.commented
+
+
+def test_a_cell_without_a_name_is_no_component():
+    assert (route_of("# link: gpu").name, route_of("# link: gpu").after) == (None, ())
+    assert Route().cache is True
+
+
+BAD_COMPONENTS = [
+    ("name=1load", "name='1load': give the component a Python name, such as name=load"),
+    ("name=", "name=''"),
+    ("name=for", "name='for'"),
+    ("name=a-b", "name='a-b'"),
+    ("name=a.b", "name='a.b'"),
+    ("name=a after=", "after='': name the parent components"),
+    ("name=a after", "option 'after' needs a value"),
+    ("name=a after=b,", "bad parent '' in after=b,"),
+    ("name=a after=,b", "bad parent ''"),
+    ("name=a after=b,,c", "bad parent ''"),
+    ("name=a after=b c", "unknown option 'c'"),
+    ("name=a after=2b", "bad parent '2b'"),
+    ("name=a after=b,class", "bad parent 'class'"),
+    ("name=a after=b,b", "parent 'b' appears twice in after=b,b"),
+    ("name=a after=a", "component 'a' names itself in after="),
+    ("name=a after=b,a", "cannot be its own parent"),
+    ("after=load", "after= is for pipeline components: name this cell too"),
+    ("cache=off", "cache= is for pipeline components"),
+    ("name=a cache=no", "cache='no': use cache=on or cache=off"),
+    ("name=a cache=OFF", "cache='OFF'"),
+    ("name=a cache=", "cache=''"),
+    ("name=a cache", "option 'cache' needs a value"),
+    ("name=a name=b", "option 'name' given twice"),
+    ("name=a after=b after=c", "option 'after' given twice"),
+    ("nmae=a", "did you mean 'name'?"),
+    ("parents=a", "unknown option 'parents'"),
+]
+
+
+@pytest.mark.parametrize(("options", "fault"), BAD_COMPONENTS, ids=[c[0] for c in BAD_COMPONENTS])
+@pytest.mark.parametrize("target", ["", "gpu "])
+def test_bad_component_keys_are_refused(target, options, fault):
+    err = refused(f"# link: {target}{options}\nx = 1")
+    assert fault in str(err)
+    assert isinstance(err, RoutingError)
+
+
+def test_a_bare_name_key_after_a_target_needs_a_value():
+    # first, a bare word is a target, as '# link: files' is: a host may be called 'name'
+    assert "option 'name' needs a value" in str(refused("# link: gpu name"))
+    assert route_of("# link: name").targets == ("name",)
+
+
+def test_an_unknown_key_lists_the_pipeline_keys_too():
+    message = str(refused("# link: name=a parents=b"))
+    assert all(key in message for key in ("name", "after", "cache"))
+
+
+_COMPONENT = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda n: not keyword.iskeyword(n)
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _COMPONENT,
+    st.lists(_COMPONENT, max_size=4, unique=True),
+    st.sampled_from([None, "on", "off"]),
+    st.sampled_from(["", "gpu ", "gpu|local "]),
+)
+def test_any_well_formed_component_round_trips(name, parents, cache, target):
+    assume(name not in parents)
+    line = f"# link: {target}name={name}"
+    if parents:
+        line += " after=" + ",".join(parents)
+    if cache:
+        line += f" cache={cache}"
+    route = route_of(line)
+    assert (route.name, route.after, route.cache) == (name, tuple(parents), cache != "off")
+    assert route.targets == tuple(target.strip().split("|")) if target else route.targets == ()
 
 
 # -- empty comments and trailing comments ----------------------------------------------
