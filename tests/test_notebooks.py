@@ -255,13 +255,18 @@ def test_normalizer_drops_only_run_to_run_noise():
 #: Notebooks that still differ with their heavy cells routed (issue 15 is open): the
 #: comparison runs and prints every difference, and is expected to fail until fixed.
 #: A notebook leaves this set as soon as it passes (an XPASS says so).
-NOT_YET_IDENTICAL: set[str] = set(NOTEBOOKS)
+NOT_YET_IDENTICAL: set[str] = {
+    "01_numpy_views",  # np.set_printoptions is not carried with the module state
+    "03_csv_roundtrip",  # a closed file bound by `with open` is reported as not brought back
+    "09_magics_and_env",
+    "10_widgets",  # a widget cannot be an input of a remote cell
+}
 
 
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.xfail(reason="issue 15: differs from plain ipykernel", strict=False))
+        pytest.param(n, marks=pytest.mark.xfail(reason="issue 15: differs from plain ipykernel", strict=True))
         if n in NOT_YET_IDENTICAL
         else n
         for n in NOTEBOOKS

@@ -163,7 +163,7 @@ class RemoteBackend(Backend):
         self.say: Callable[[str], None] = lambda text: None
         self._slurm: SlurmCommands | None = None
         #: Module state: the cell's, sent to the host; what the cell changed, to restore.
-        self.state = StateSync(sync.local)
+        self.state = StateSync(sync.local if sync is not None else None)  # None: no notebook (hosts check)
         self._state_out: dict[str, Any] | None = None
         self._state_back: dict[str, Any] | None = None
 
@@ -431,6 +431,9 @@ class RemoteBackend(Backend):
             if fresh is not None:
                 kernel = await fresh
         except BaseException:
+            # not cancelled: a request to the local kernel cut off mid-way would leave
+            # its reply for the next request to find; it takes milliseconds
+            await asyncio.wait({capturing}, timeout=5)
             capturing.cancel()
             if fresh is None:
                 self.kept = kernel  # a kept kernel stays kept

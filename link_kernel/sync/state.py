@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class StateSync:
     """Captures and restores a notebook's module state in its local kernel."""
 
-    def __init__(self, local: LocalBackend) -> None:
+    def __init__(self, local: LocalBackend | None) -> None:
         self.local = local
         #: The installed modules the notebook used at its last capture.
         self.modules: list[str] = []
