@@ -655,6 +655,33 @@ def test_the_journal_gives_up_when_the_kernel_drops_events(tmp_path):
         assert take(journal) is None
 
 
+def test_a_take_cancelled_as_the_observer_wakes_it_ends_cancelled(tmp_path):
+    """An interrupt that lands while a remote cell's push waits for the observer
+    ends the cell: the take is cancelled even when the wake-up comes at once.
+    (``asyncio.wait_for`` on Python 3.11 returned instead, and the cell ran.)"""
+    journal = Journal(str(tmp_path), Ignore(str(tmp_path)))
+    journal.barrier_timeout = 0.5
+
+    async def interrupted() -> asyncio.Task:
+        assert await journal.take("cell") is None
+        journal._caught_up = lambda consumer, seen: False  # the take waits for a wake-up
+        task = asyncio.ensure_future(journal.take("cell"))
+        while not journal._wakers:
+            await asyncio.sleep(0)
+        journal._wakers[-1]()  # the observer wakes the take...
+        waits = []
+        while not waits:
+            await asyncio.sleep(0)
+            waits = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Event.wait"]
+        waits[0].add_done_callback(lambda _: task.cancel())  # ...as the interrupt comes
+        await asyncio.wait({task})
+        return task
+
+    with journal:
+        task = asyncio.run(interrupted())
+    assert task.cancelled(), f"the take returned {task.result()!r} instead"
+
+
 def test_journal_threads_are_joined(tmp_path):
     before = set(threading.enumerate())
     journal = Journal(str(tmp_path), Ignore(str(tmp_path)))

@@ -817,6 +817,8 @@ class RemoteBackend(Backend):
             kernel.supervisor.signal("INT")
         elif self._preparing is not None:
             self._preparing.cancel()
+            # and if a library swallows the cancel, the cell still does not run
+            self._interrupt_pending = True
         else:  # sent, or about to be: deliver when the kernel begins the cell
             self._interrupt_pending = True
 

@@ -133,8 +133,13 @@ class Journal:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(woken.wait(), remaining)
+                    # not wait_for: on Python 3.11 it returns, swallowing a
+                    # cancel (an interrupt), when the wake-up comes at the same time
+                    waiting = asyncio.ensure_future(woken.wait())
+                    try:
+                        await asyncio.wait({waiting}, timeout=remaining)
+                    finally:
+                        waiting.cancel()
                 caught_up = self._caught_up(consumer, seen)
         finally:
             with self._lock:
