@@ -19,7 +19,6 @@ SHIPPED_WHOLE = {"link_kernel/agent.py", "link_kernel/bootstrap.py"}
 PENDING_SPLIT = {
     "link_kernel/kernel.py",
     "link_kernel/sync/analysis.py",
-    "link_kernel/backends/remote.py",
 }
 
 
