@@ -15,11 +15,6 @@ PACKAGE = Path(link_kernel.__file__).parent
 MAX_LINES = 800
 #: Shipped to hosts whole (they import nothing of link_kernel), so one file each.
 SHIPPED_WHOLE = {"link_kernel/agent.py", "link_kernel/bootstrap.py"}
-#: Still to be split into packages; the list only shrinks.
-PENDING_SPLIT = {
-    "link_kernel/kernel.py",
-    "link_kernel/backends/remote.py",
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -120,17 +115,7 @@ def test_no_module_over_800_lines():
         lines = len(path.read_text().splitlines())
         if lines > MAX_LINES and rel not in SHIPPED_WHOLE:
             too_long[rel] = lines
-    new = {rel: n for rel, n in too_long.items() if rel not in PENDING_SPLIT}
-    assert not new, f"modules over {MAX_LINES} lines hold more than one concept; split them: {new}"
-
-
-def test_pending_split_list_only_names_long_modules():
-    """A module split (or shortened) leaves the list, so the list cannot hide a new one."""
-    for rel in sorted(PENDING_SPLIT):
-        path = PACKAGE.parent / rel
-        assert path.exists(), f"{rel} is gone: remove it from PENDING_SPLIT"
-        lines = len(path.read_text().splitlines())
-        assert lines > MAX_LINES, f"{rel} has {lines} lines now: remove it from PENDING_SPLIT"
+    assert not too_long, f"modules over {MAX_LINES} lines hold more than one concept; split them: {too_long}"
 
 
 def test_every_module_says_what_it_holds():

@@ -1,0 +1,409 @@
+"""The kernels of a remote backend: start, keepalive, release, warm standby, idle timer.
+
+:class:`KernelLifecycle` is a mixin of
+:class:`~link_kernel.backends.remote.RemoteBackend`: it owns how a kernel on the
+host comes and goes, and nothing of the cell it runs.
+
+- start: a fresh kernel through :class:`~link_kernel.provisioner.LinkProvisioner`
+  (a Slurm job on a Slurm host), connected and ready;
+- keepalive: while any kernel of the host lives, its supervisor gets a
+  keepalive every second; without them the host kills the kernel;
+- release: shutdown request, SIGTERM, SIGKILL, until the host reports the
+  kernel's process group gone (:class:`ShutdownStep` says which step did it);
+- warm standby: the next cell's kernel, booted once a cell's reply is out, with
+  one silent cell run in it (and the last cell's data preloaded); a cell takes it
+  if it suits (:meth:`KernelLifecycle._fresh_kernel`);
+- the kept kernel's idle timer and ``%link release``.
+
+It may not touch a cell's inputs, outputs, files or interrupts: those are
+:mod:`link_kernel.backends.remote`'s, which imports this module (never the
+reverse). It reads the backend's ``host``, ``name``, ``context``, ``transport``,
+``start_timeout``, ``shutdown_wait``, ``say``, ``state``, ``_closing``,
+``reach()`` and ``_transport()``, and keeps the kernel state the backend's
+``__init__`` sets: ``kept``, ``standby``, ``algo``, ``_live``, ``_keepalive``,
+``_idle``, ``_releasing``, ``_pythons``, ``_slurm``, and ``last["shutdown"]``;
+the cell sets ``_standby_due`` and ``_last_blobs`` for the next standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..connection import KernelConnection
+from ..errors import ConnectionLostError, KernelDiedError, KernelStartError, LinkError
+from ..provisioner import LinkProvisioner, python_spec
+from ..slurm import SlurmLaunch, find_commands
+from ..slurm import resources as slurm_resources
+from .local import exit_description
+
+log = logging.getLogger(__name__)
+
+
+class ShutdownStep(enum.Enum):
+    """Which step of the escalating shutdown ended a kernel."""
+
+    REQUEST = "shutdown_request"
+    TERM = "SIGTERM"
+    KILL = "SIGKILL"
+    DROPPED = "supervisor dropped"
+    DIED = "died on its own"
+
+
+@dataclass(eq=False)
+class RemoteKernel:
+    """One started kernel on a host."""
+
+    provisioner: LinkProvisioner
+    conn: KernelConnection
+    pid: int
+    kernel_name: str = ""
+    #: The Slurm resources its job holds (empty off Slurm).
+    resources: tuple[tuple[str, str], ...] = ()
+    started_at: float = field(default_factory=time.monotonic)
+    cells: int = 0
+    #: The router has asked it to end (it ends once its cell is over).
+    ending: bool = False
+    #: Bytes of the last cell's data it holds ready (a standby; see agent.preload).
+    preloaded: int = 0
+
+    @property
+    def supervisor(self):
+        return self.provisioner.supervisor
+
+    @property
+    def alive(self) -> bool:
+        return self.provisioner.has_process
+
+
+
+class KernelLifecycle:
+    """How the backend's kernels start, stay alive, wait as a standby and end."""
+
+    # -- starting and keeping alive ---------------------------------------------------
+
+    async def _python(self, kernel_name: str) -> str:
+        """The host python for a kernelspec name ("" = the host's own python)."""
+        if not kernel_name:
+            return self.host.python
+        python = self._pythons.get(kernel_name)
+        if python is None:
+            transport = self._transport()
+            python = await transport.kernel_python(kernel_name, self.host.python or None)
+            self._pythons[kernel_name] = python
+        return python
+
+    async def _slurm_launch(self, wanted: tuple[tuple[str, str], ...]) -> SlurmLaunch | None:
+        """How to start a kernel as a Slurm job, on a Slurm host."""
+        if not self.host.slurm:
+            return None
+        if self._slurm is None:
+            self._slurm = await find_commands(self._transport())
+        return SlurmLaunch(self._slurm, slurm_resources(self.host, wanted))
+
+    async def start_kernel(
+        self,
+        timings: dict[str, float] | None = None,
+        kernel_name: str = "",
+        resources: tuple[tuple[str, str], ...] = (),
+    ) -> RemoteKernel:
+        """Start a fresh kernel on the host and connect to it.
+
+        ``resources`` are the cell's Slurm options (a Slurm host only).
+        """
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        await self.reach()
+        timings["connect"] = time.perf_counter() - t0
+        kernel_name = kernel_name or self.host.kernel
+        provisioner = LinkProvisioner(
+            kernel_id=uuid.uuid4().hex,
+            kernel_spec=python_spec(),
+            host=self.name,
+            transport=self._transport(),
+            python=await self._python(kernel_name),
+            start_timeout=self.start_timeout,
+            slurm=await self._slurm_launch(resources),
+            on_queue=lambda text: self.say(text),
+        )
+        t1 = time.perf_counter()
+        try:
+            kwargs = await provisioner.pre_launch()
+            info = await provisioner.launch_kernel(kwargs.pop("cmd"), **kwargs)
+        except LinkError:
+            await provisioner.cleanup()
+            raise
+        except (OSError, EOFError) as exc:
+            await provisioner.cleanup()
+            msg = f"the kernel on {self.name} did not start: {exc}"
+            raise KernelStartError(msg) from exc
+        timings["start"] = time.perf_counter() - t1
+        conn = KernelConnection(info, context=self.context, name=self.name)
+        conn.open()
+        supervisor = provisioner.supervisor
+        kernel = RemoteKernel(
+            provisioner,
+            conn,
+            pid=int(supervisor.ready.result()["pid"]),
+            kernel_name=kernel_name,
+            resources=resources,
+        )
+        if self.algo is None:
+            modules = supervisor.hello.result().get("modules", {})
+            self.algo = "xxh3t" if "xxhash" in modules else "sha256"
+        supervisor.exited.add_done_callback(lambda fut, k=kernel: self._on_exit(k, fut))
+        self._live.add(kernel)
+        self._ensure_keepalive()
+        t2 = time.perf_counter()
+        try:
+            await conn.wait_ready(self.start_timeout)
+        except BaseException:
+            await self._release(kernel)
+            raise
+        timings["ready"] = time.perf_counter() - t2
+        return kernel
+
+    def _on_exit(self, kernel: RemoteKernel, fut: asyncio.Future) -> None:
+        result = fut.result() if not fut.cancelled() else {}
+        transport = self.transport
+        if result.get("lost") and transport is not None and not transport.connected:
+            err: LinkError = ConnectionLostError(
+                self.name, f"lost the connection to {self.name} while its kernel ran"
+            )
+        elif result.get("lost"):
+            err = KernelDiedError(f"the kernel on {self.name} ended without a word")
+        else:
+            desc = exit_description(result.get("status"))
+            err = KernelDiedError(f"the kernel on {self.name} died ({desc})")
+        kernel.conn.close(err)
+        self._live.discard(kernel)
+        if self.kept is kernel:
+            self.kept = None
+
+    def _ensure_keepalive(self) -> None:
+        if self._keepalive is None or self._keepalive.done():
+            self._keepalive = asyncio.ensure_future(self._send_keepalives())
+
+    async def _send_keepalives(self) -> None:
+        while True:
+            kernels = [k for k in self._live if k.alive]
+            if not kernels:
+                return
+            for kernel in kernels:
+                kernel.supervisor.keepalive()
+            await asyncio.sleep(1.0)
+
+    # -- releasing --------------------------------------------------------------------
+
+    async def _release(self, kernel: RemoteKernel, *, tidy_later: bool = False) -> ShutdownStep:
+        """Escalate until the host reports the kernel's process group gone.
+
+        Then close its tunnels and its supervisor's session, at once or, with
+        ``tidy_later``, in a kept background task (a cell's reply need not
+        wait for that: its kernel is already gone). A Slurm job's end is
+        always waited for: it holds the job's GPUs until it leaves the queue.
+        """
+        supervisor = kernel.supervisor
+        step = ShutdownStep.DIED
+        if not supervisor.done:
+            step = ShutdownStep.REQUEST
+            self._ask_to_end(kernel)
+            for next_step, command in (
+                (ShutdownStep.TERM, "TERM"),
+                (ShutdownStep.KILL, "KILL"),
+                (ShutdownStep.DROPPED, None),
+            ):
+                try:
+                    await asyncio.wait_for(asyncio.shield(supervisor.exited), self.shutdown_wait)
+                    break
+                except asyncio.TimeoutError:
+                    step = next_step
+                    if command is not None:
+                        supervisor.signal(command)
+                    else:
+                        await supervisor.close()
+        kernel.conn.close()
+        self.last["shutdown"] = step.value
+        if tidy_later and kernel.provisioner.job is None:
+            self._keep_task(kernel.provisioner.cleanup())
+        else:
+            await kernel.provisioner.cleanup()
+        return step
+
+    def _ask_to_end(self, kernel: RemoteKernel) -> None:
+        """Send the kernel its shutdown_request, once."""
+        if kernel.ending:
+            return
+        kernel.ending = True
+        try:
+            kernel.conn.send("shutdown_request", {"restart": False}, channel="control")
+        except LinkError:
+            pass
+
+    async def _timed_release(self, kernel: RemoteKernel, timings: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        await self._release(kernel, tidy_later=True)
+        timings["release"] = time.perf_counter() - t0
+
+    def _release_soon(self, kernel: RemoteKernel) -> None:
+        """Release in the background."""
+        self._keep_task(self._release(kernel))
+
+    def _keep_task(self, work) -> None:
+        """Run ``work`` in the background; the task is kept (the loop holds tasks only
+        weakly) and shutdown waits for it."""
+        task = asyncio.ensure_future(work)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def release(self, *, standby: bool = False) -> bool:
+        """End the kept kernel (and the standby, if asked); True if a kernel ended."""
+        self._cancel_idle()
+        kernels = []
+        kernel, self.kept = self.kept, None
+        if kernel is not None:
+            kernels.append(kernel)
+        if standby and self.standby is not None:
+            task, self.standby = self.standby, None
+            task.cancel()
+            spare = await settled(task)
+            if spare is not None:
+                kernels.append(spare)
+        for each in kernels:
+            await self._release(each)
+        return kernel is not None
+
+    def _schedule_idle(self) -> None:
+        self._cancel_idle()
+        if self.host.idle_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._idle = loop.call_later(
+                self.host.idle_timeout,
+                lambda: asyncio.ensure_future(self.release(standby=True)),
+            )
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    # -- warm standby -----------------------------------------------------------------
+
+    def _standby_ready(self) -> bool:
+        task = self.standby
+        return task is not None and task.done() and not task.cancelled() and task.exception() is None
+
+    async def _fresh_kernel(
+        self, wanted: str, timings: dict[str, float], resources: tuple[tuple[str, str], ...] = ()
+    ) -> RemoteKernel:
+        """The warm standby if it suits, else a kernel started now."""
+        task, self.standby = self.standby, None
+        if task is not None:
+            try:
+                kernel = await settled(task)
+            except asyncio.CancelledError:  # the cell was interrupted: the standby stays
+                if self.standby is None and not self._closing:
+                    self.standby = task
+                else:
+                    task.add_done_callback(self._release_when_done)
+                raise
+            if (
+                kernel is not None
+                and kernel.alive
+                and kernel.kernel_name == wanted
+                and kernel.resources == resources
+            ):
+                timings["standby"] = 1.0
+                return kernel
+            if kernel is not None:
+                self._release_soon(kernel)
+        return await self.start_kernel(timings, wanted, resources)
+
+    def after_reply(self) -> None:
+        """The cell's reply is sent: boot the next cell's kernel now.
+
+        Not before: on a small machine, booting competes with the end of the
+        cell (outputs, recording, the reply) for the same cores.
+        """
+        if self._standby_due:
+            self._standby_due = False
+            self._start_standby()
+
+    def _start_standby(self) -> None:
+        """Boot the next cell's kernel in the background (warm standby)."""
+        if self.host.keeps_standby and self.standby is None and not self._closing:
+            self.standby = asyncio.ensure_future(self._boot_standby())
+            self.standby.add_done_callback(self._standby_done)
+
+    async def _boot_standby(self) -> RemoteKernel:
+        """Start a kernel and run one silent empty cell in it.
+
+        IPython's first execution imports and compiles what later ones reuse;
+        paid here, in the background, the user's cell does not pay it.
+        """
+        kernel = await self.start_kernel({}, self.host.kernel)
+        agent = "__import__('__link_agent__')"
+        code = f"{agent}.warm()\n"
+        if self.state.modules:  # the notebook's modules, imported before its next cell
+            code += f"{agent}.preimport({self.state.modules!r})\n"
+        budget = int(self.host.standby_data * 2**30)
+        if self._last_blobs and budget > 0:
+            store = self._transport().blob_dir
+            code += f"{agent}.preload({store!r}, {self._last_blobs!r}, {budget})\n"
+        try:
+            reply = await kernel.conn.request(
+                "execute_request",
+                {"code": code + "0", "silent": False, "store_history": False,
+                 "user_expressions": {"preloaded": f"{agent}.preloaded()"},
+                 "allow_stdin": False, "stop_on_error": False},
+                timeout=self.start_timeout,
+            )
+            preloaded = reply["content"].get("user_expressions", {}).get("preloaded", {})
+            kernel.preloaded = int(preloaded.get("data", {}).get("text/plain", "0"))
+        except (LinkError, asyncio.TimeoutError, ValueError, AttributeError):
+            pass
+        except BaseException:  # cancelled (released, shut down): end what was started
+            await asyncio.shield(self._release(kernel))
+            raise
+        return kernel
+
+    def _offer_standby(self, kernel: RemoteKernel) -> None:
+        if self.host.keeps_standby and self.standby is None and kernel.alive and not self._closing:
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            fut.set_result(kernel)
+            self.standby = fut
+        else:
+            self._release_soon(kernel)
+
+    def _release_when_done(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._release_soon(task.result())
+
+    def _standby_done(self, task: asyncio.Future) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("the standby kernel on %s did not start: %s", self.name, task.exception())
+            if self.standby is task:
+                self.standby = None
+
+
+async def settled(task: asyncio.Future) -> Any:
+    """The task's result, or None if it failed or was cancelled.
+
+    Cancelling the caller raises CancelledError here and leaves the task
+    alone (a bare ``await task`` would cancel it and hide the caller's).
+    """
+    await asyncio.wait([task])
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+
+__all__ = ["KernelLifecycle", "RemoteKernel", "ShutdownStep", "settled"]
