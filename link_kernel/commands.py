@@ -39,6 +39,14 @@ Cells without one run on the default target ({default}).
     %link hosts                     known hosts
     %link release [ALIAS]           shut down kept kernels
     %link sync [ALIAS]              sync the working directory now
+
+Pipelines: a cell that starts with '# link: name=NAME after=P1,P2' is a component;
+running it brings its parents up to date first (from the cache, or run, hidden).
+
+    %link pipeline                  the components, their parents and states
+    %link run [NAME]                bring NAME (or every component) up to date
+    %link cache                     the cached results: component, size, age, hits
+    %link cache clear [NAME]        drop them (or NAME's)
 """
 
 

@@ -12,7 +12,8 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     ├── PipelineError                 the notebook's pipeline cannot run as declared
     │   ├── UnknownComponentError     a parent (or %link run NAME) that no cell declares
     │   ├── PipelineCycleError        components that are each other's ancestors
-    │   └── DuplicateComponentError   two different cells declare one name
+    │   ├── DuplicateComponentError   two different cells declare one name
+    │   └── ComponentFailedError      a parent component raised: the child did not run
     ├── HostConfigError               the host registry or an ssh config entry is wrong
     ├── KernelSpecSourceError         the package's kernelspec folder is missing or unreadable
     ├── TransportError                reaching a host failed
@@ -123,6 +124,17 @@ class DuplicateComponentError(PipelineError):
         self.cells = list(cells)
         msg = f"two cells declare the component {name!r}: {' and '.join(self.cells)}"
         super().__init__(msg, hint="Give each of these cells its own name=, or delete one.")
+
+
+class ComponentFailedError(PipelineError):
+    """A parent component raised: ``content`` is its error as Jupyter shows it (its own
+    ename, evalue and traceback, under a line naming it), which the cell shows as is."""
+
+    hint = ""
+
+    def __init__(self, content: dict) -> None:
+        self.content = content
+        super().__init__(str(content.get("evalue", "")))
 
 
 class HostConfigError(LinkError):

@@ -48,6 +48,7 @@ from . import hosts as hosts_module
 from .backends.local import LocalBackend
 from .backends.remote import RemoteBackend
 from .commands import RouterCommands
+from .components import RouterPipeline
 from .connection import delim_index, header_of
 from .errors import (
     ConnectionLostError,
@@ -76,6 +77,8 @@ LANGUAGE_INFO = {
 
 def error_content(err: LinkError) -> dict[str, Any]:
     """The ename/evalue/traceback of a Link error, as the notebook shows it."""
+    if isinstance(getattr(err, "content", None), dict):  # a parent component's own error
+        return err.content
     ename = err.ename or type(err).__name__
     lines = [f"\x1b[0;31m{ename}\x1b[0m: {err.message}"]
     if err.hint:
@@ -83,7 +86,7 @@ def error_content(err: LinkError) -> dict[str, Any]:
     return {"ename": ename, "evalue": err.message, "traceback": lines}
 
 
-class LinkKernel(RouterCommands, Kernel):
+class LinkKernel(RouterPipeline, RouterCommands, Kernel):
     """The router kernel behind "Link (hybrid)"."""
 
     implementation = "link_kernel"
@@ -126,6 +129,9 @@ class LinkKernel(RouterCommands, Kernel):
     ).tag(config=True)
     sync_max_bytes = Int(
         16 * 2**30, help="A notebook folder with more bytes than this is not synced."
+    ).tag(config=True)
+    cache_limit = Int(
+        20 * 2**30, help="Bytes the pipeline cache may take on disk; least recently used entries go first."
     ).tag(config=True)
     show_target = Bool(
         True, help="Under each remote cell, one quiet line says where it ran and how long it took."
@@ -423,7 +429,7 @@ class LinkKernel(RouterCommands, Kernel):
         self._in_cell, self._interrupt_waiting = True, False
         started = self._cell_started = time.perf_counter()
         try:
-            reply = await self._execute(parent, frames, i, ident, code, silent, store)
+            reply = await self.execute_cell(parent, frames, i, ident, code, silent, store)
         except LinkError as err:
             reply = await self._failed(parent, code, err, silent, store)
         except Exception as exc:

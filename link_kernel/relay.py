@@ -66,6 +66,8 @@ class Relay:
         self.shell_idents: list[bytes] = []
         #: Message types not to relay for the cell being served.
         self.drop: frozenset[str] = frozenset()
+        #: Requests whose outputs the frontend never sees (a pipeline's hidden parents).
+        self.hidden: set[str] = set()
         self._stdin_kernel: KernelConnection | None = None
         #: Stream output a cell may send the frontend; the rest goes to a file.
         self.output_budget = 32 * 2**20
@@ -141,7 +143,7 @@ class Relay:
         if self._same_key(conn):
 
             def relay_raw(frames: Frames, i: int, msg_type: str, parent: str) -> None:
-                if msg_type in self.drop:
+                if msg_type in self.drop or parent in self.hidden:
                     return
                 if msg_type == "stream" and self._over_budget(frames, i, parent):
                     return
@@ -152,7 +154,7 @@ class Relay:
         def relay_resigned(frames: Frames, i: int, msg_type: str, parent: str) -> None:
             if msg_type in ("comm_open", "comm_close"):
                 self._track_comm(conn, frames, i, msg_type, parent)
-            if msg_type in self.drop:
+            if msg_type in self.drop or parent in self.hidden:
                 return
             if msg_type == "stream" and self._over_budget(frames, i, parent):
                 return

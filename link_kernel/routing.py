@@ -48,6 +48,9 @@ COMMANDS: dict[str, tuple[int, int]] = {
     "release": (0, 1),
     "sync": (0, 1),
     "help": (0, 0),
+    "cache": (0, 2),
+    "pipeline": (0, 0),
+    "run": (0, 1),
 }
 
 #: Options of a routing comment. ``keep`` is a flag; the others are key=value.
@@ -410,6 +413,12 @@ def _parse_command(line: str, lineno: int) -> Command:
     # Check the names now, so a malformed line runs none of the cell's commands.
     if name == "default":
         parse_targets(args[0])
+    elif name == "cache" and args and (args[0] != "clear" or not all(a.isidentifier() for a in args[1:])):
+        msg = f"wrong arguments to '%link cache': usage is '{usage}'"
+        raise RoutingError(msg)
+    elif name == "run" and args and not args[0].isidentifier():
+        msg = f"bad component name {args[0]!r} in '%link run': usage is '{usage}'"
+        raise RoutingError(msg)
     elif args and not _NAME.fullmatch(args[0]):
         msg = f"bad alias {args[0]!r} in '%link {name}': usage is '{usage}'"
         raise RoutingError(msg)
@@ -420,4 +429,6 @@ _USAGE = {
     "default": "%link default TARGET",
     "release": "%link release [ALIAS]",
     "sync": "%link sync [ALIAS]",
+    "cache": "%link cache [clear [NAME]]",
+    "run": "%link run [NAME]",
 }

@@ -631,7 +631,7 @@ def test_wrong_argument_counts_show_the_usage(line, usage):
 def test_unknown_subcommand_lists_the_valid_ones(name):
     err = refused(f"%link {name}")
     assert f"unknown command '%link {name}'" in str(err)
-    assert "valid: default, help, hosts, release, status, sync" in str(err)
+    assert "valid: cache, default, help, hosts, pipeline, release, run, status, sync" in str(err)
     assert all(command in str(err) for command in COMMANDS)
 
 
@@ -959,3 +959,24 @@ def test_any_well_formed_chain_round_trips(targets, keep, gap):
     assert route.targets == tuple(targets)
     assert route.keep is keep
     assert resolve(route.targets, targets) == tuple(targets)
+
+
+@pytest.mark.parametrize(
+    ("line", "args"),
+    [
+        ("%link cache", ()),
+        ("%link cache clear", ("clear",)),
+        ("%link cache clear train", ("clear", "train")),
+        ("%link pipeline", ()),
+        ("%link run", ()),
+        ("%link run train", ("train",)),
+    ],
+)
+def test_pipeline_commands(line, args):
+    (command,) = parse(line).commands
+    assert command.args == args
+
+
+@pytest.mark.parametrize("line", ["%link cache drop", "%link cache clear 1x", "%link run a-b", "%link pipeline x"])
+def test_malformed_pipeline_commands_are_refused(line):
+    refused(line)

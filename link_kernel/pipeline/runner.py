@@ -121,10 +121,13 @@ class Report:
         if self.failure is None or self.error is None:
             return None
         where = f" on {self.failure.target}" if self.failure.target else ""
-        head = (
-            f"The parent component {self.failure.name!r} failed{where}; "
-            f"{self.name!r} did not run."
-        )
+        if self.name and self.name != self.failure.name:
+            head = (
+                f"The parent component {self.failure.name!r} failed{where}; "
+                f"{self.name!r} did not run."
+            )
+        else:
+            head = f"The component {self.failure.name!r} failed{where}."
         return {
             "ename": self.error.get("ename", "Error"),
             "evalue": self.error.get("evalue", ""),
@@ -151,24 +154,42 @@ class Runner:
         #: notebook's namespace holds, for the states of ``%link pipeline``.
         self.last: dict[str, tuple[str, Step]] = {}
 
-    async def prepare(self, name: str) -> Report:
-        """Bring the ancestors of ``name`` up to date; ``name`` itself does not run.
+    async def prepare(self, name: str, *, itself: bool = False) -> Report:
+        """Bring the ancestors of ``name`` up to date; ``name`` itself does not run,
+        unless ``itself`` (``%link run NAME``: it is restored or run, hidden, as they are).
 
         Raises a PipelineError (unknown component or parent, cycle) before anything runs.
         """
         ancestors = self.graph.ancestors(name)
-        external = {n: self.graph.external_reads(n) for n in [*ancestors, name]}
+        keys = await self._keys([name], [*ancestors, name])
+        report = Report(name=name, keys=keys)
+        await self._bring(ancestors + ([name] if itself else []), keys, report)
+        return report
+
+    async def prepare_all(self) -> Report:
+        """Bring every component up to date, each after its parents (``%link run``)."""
+        order = self.graph.order()
+        keys = await self._keys(order, order)
+        report = Report(name="", keys=keys)
+        await self._bring(order, keys, report)
+        return report
+
+    async def _keys(self, roots: list[str], names: list[str]) -> dict[str, str]:
+        external = {n: self.graph.external_reads(n) for n in names}
         wanted = frozenset().union(*external.values())
         hashes = dict(await self.cells.hashes(wanted)) if wanted else {}
         inputs = {n: {v: hashes[v] for v in reads if v in hashes} for n, reads in external.items()}
-        keys = self.graph.keys(name, inputs)
+        keys: dict[str, str] = {}
+        for root in roots:
+            keys.update(self.graph.keys(root, inputs))
+        return keys
+
+    async def _bring(self, names: list[str], keys: dict[str, str], report: Report) -> None:
         valid = await asyncio.to_thread(lambda: {k for k in keys.values() if k in self.cache})
-        stale = set(self.graph.stale(name, keys, valid))
-        report = Report(name=name, keys=keys)
-        for each in ancestors:
+        for each in names:
             component = self.graph.component(each)
             step = None
-            if each not in stale:
+            if component.cache and keys[each] in valid:
                 step = await self._restore(component, keys[each])
             if step is None:
                 step = await self._run(component, keys[each], report)
@@ -177,7 +198,6 @@ class Runner:
             if step.action == "failed":
                 report.failure = step
                 break
-        return report
 
     async def record(self, name: str, key: str, ran: Ran, seconds: float) -> Entry | None:
         """Cache what the component ``name`` bound when the kernel ran it (shown), under the
