@@ -164,3 +164,40 @@ def test_cache_off_always_runs_and_cache_clear_recomputes(nb):
     assert "cleared the cache of 'child': 1 entry" in nb.run("%link cache clear child").text
     assert nb.run(grand).status == "ok"
     assert nb.ran() == ["load", "child", "grand"], "cleared: the child is computed again"
+
+
+def test_the_cache_survives_a_kernel_restart(tmp_path):
+    """After a restart the kernel knows the components from the saved notebook
+    (JPY_SESSION_NAME) and restores the parents from the cache on disk."""
+    import nbformat
+
+    log = tmp_path / "ran.log"
+    sources = [
+        cell("name=a", "a", "x = 40\n"),
+        cell("name=b after=a", "b", "y = x + 2\n"),
+        cell("name=c after=b", "c", "print('y is', y)\n"),
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    path = tmp_path / "restart.ipynb"
+    nbformat.write(notebook, path)
+    client = start_client("link", cwd=str(tmp_path), env={"JPY_SESSION_NAME": str(path), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        assert client.run(f"LOG = {str(log)!r}").status == "ok"
+        assert client.run(sources[2]).stdout == "y is 42\n"
+        assert log.read_text().split() == ["a", "b", "c"]
+        listing = client.run("%link cache").text
+        assert re.search(r"^component\s+size\s+age\s+hits$", listing, re.M), listing
+        assert re.search(r"^a\s+[0-9.]+ \S?B\s+.+\s0$", listing, re.M), listing
+        client.km.restart_kernel(now=False)
+        client.kc.wait_for_ready(timeout=60)
+        client.drain_iopub()
+        log.write_text("")
+        assert client.run("'x' in dir()").result == "False", "a fresh namespace"
+        assert client.run(f"LOG = {str(log)!r}").status == "ok"
+        result = client.run(sources[2])
+        assert result.stdout == "y is 42\n"
+        assert log.read_text().split() == ["c"], "a and b came from the cache"
+        assert len(lines(result)) == 2 and all("from cache, saved" in x for x in lines(result))
+        assert re.search(r"^a\s+[0-9.]+ \S?B\s+.+\s1$", client.run("%link cache").text, re.M)
+    finally:
+        client.shutdown()
