@@ -33,3 +33,31 @@ def test_quickstart_runs_through_link(tmp_path):
     assert text[5] == "2"
     assert "released: process" in text[6]
     assert (tmp_path / "weights.txt").exists()
+
+
+PIPELINE = Path(__file__).parent.parent / "examples" / "pipeline.ipynb"
+
+
+def test_the_pipeline_example_runs_through_link(tmp_path):
+    import os
+    import re
+
+    notebook = tmp_path / "pipeline.ipynb"
+    shutil.copy(PIPELINE, notebook)
+    nb = nbformat.read(notebook, as_version=4)
+    client = NotebookClient(nb, kernel_name="link", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env={**os.environ, "JPY_SESSION_NAME": str(notebook), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code:
+        assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
+
+    def text(cell) -> str:
+        return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+
+    by_first = {c.source.split("\n")[0]: text(c) for c in code}
+    assert "least squares [ 1.  -2.   0.5  3. ]" in by_first["# link: name=fit_report after=fit"]
+    assert "zero weights" in by_first["# link: name=baseline_report after=baseline"]
+    assert "[link] fit: from cache, saved" in by_first["# link: name=fit_report after=fit"]
+    states = re.findall(r"^\w+\s+(fresh|stale|cached|failed|never run)\s", by_first["%link pipeline"], re.M)
+    assert states == ["fresh"] * 6
+    assert "[link] baseline: ran on local" in by_first["%link cache clear baseline"]
