@@ -23,6 +23,7 @@ It reads and calls the router's ``local``, ``relay``, ``session``, ``default``,
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import os
@@ -46,6 +47,8 @@ from .pipeline.units import format_size
 from .sync.variables import default_store
 
 log = logging.getLogger(__name__)
+
+_VSCODE = "str(get_ipython().user_ns.get('__vsc_ipynb_file__', ''))"
 
 
 @dataclass
@@ -92,10 +95,17 @@ class RouterPipeline:
             self._pipeline_state = Pipeline(graph, cache, cells, Runner(graph, cache, cells))
         return self._pipeline_state
 
-    def notebook_path(self) -> Path | None:
-        """The saved notebook the frontend named (``JPY_SESSION_NAME``), if it exists."""
+    async def notebook_path(self) -> Path | None:
+        """The saved notebook the frontend named, if it exists: ``JPY_SESSION_NAME`` (as
+        jupyter_server sets it), else VS Code's ``__vsc_ipynb_file__`` in the namespace."""
         name = os.environ.get("JPY_SESSION_NAME", "")
-        if not name:
+        if not name and self.local.alive:
+            try:
+                found = await self.local.call("", {"f": _VSCODE})
+                name = ast.literal_eval(found["f"])
+            except Exception:  # a kernel busy restarting: no saved notebook this time
+                name = ""
+        if not isinstance(name, str) or not name:
             return None
         path = Path(name)
         if not path.is_absolute():
@@ -104,7 +114,7 @@ class RouterPipeline:
             path = Path(os.getcwd()) / path.name
         return path if path.suffix == ".ipynb" and path.is_file() else None
 
-    def read_saved(self) -> None:
+    async def read_saved(self) -> None:
         """Learn the saved notebook's components, when the file changed since last read.
 
         A saved component replaces the one the kernel learned from a run only if the file
@@ -112,7 +122,7 @@ class RouterPipeline:
         and gone from it is forgotten (its cell was deleted).
         """
         pipe = self.pipeline()
-        path = self.notebook_path()
+        path = await self.notebook_path()
         if path is None:
             return
         try:
@@ -143,11 +153,11 @@ class RouterPipeline:
             pipe.graph.add(component, replace_other=True)
             pipe.learned[component.name] = (mtime, "saved")
 
-    def learn(self, component: Component) -> None:
+    async def learn(self, component: Component) -> None:
         """Add the component of a cell being run (DuplicateComponentError if another cell
         with another id declares its name, unless the saved notebook no longer has it)."""
         pipe = self.pipeline()
-        self.read_saved()
+        await self.read_saved()
         try:
             pipe.graph.add(component)
         except DuplicateComponentError:
@@ -170,7 +180,7 @@ class RouterPipeline:
             return await self._execute(parent, frames, i, ident, code, silent, store)
         pipe = self.pipeline()
         await self._ready()
-        self.learn(component)
+        await self.learn(component)
         report = await self._bring_up(parent, component.name)
         started = time.perf_counter()
         reply = await self._execute(parent, frames, i, ident, code, silent, store)
@@ -295,13 +305,13 @@ class RouterPipeline:
 
     async def command_pipeline(self, parent: dict) -> None:
         await self._ready()
-        self.read_saved()
+        await self.read_saved()
         rows = await self.pipeline().runner.states()
         self.display(parent, picture.text(rows), picture.markdown(rows))
 
     async def command_run(self, parent: dict, name: str | None = None) -> None:
         await self._ready()
-        self.read_saved()
+        await self.read_saved()
         if name is None and not len(self.pipeline().graph):
             raise LinkError(
                 "no pipeline components yet",

@@ -201,3 +201,17 @@ def test_the_cache_survives_a_kernel_restart(tmp_path):
         assert re.search(r"^a\s+[0-9.]+ \S?B\s+.+\s1$", client.run("%link cache").text, re.M)
     finally:
         client.shutdown()
+
+
+def test_vscode_names_the_notebook_in_the_namespace(nb, tmp_path):
+    """VS Code sets __vsc_ipynb_file__: the kernel learns the saved components from it."""
+    import nbformat
+
+    sources = [cell("name=va", "va", "v = 2\n"), cell("name=vb after=va", "vb", "print(v * 21)\n")]
+    path = tmp_path / "vscode.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources]), path)
+    assert nb.run(sources[1]).content["ename"] == "UnknownComponentError", "no notebook named yet"
+    assert nb.run(f"__vsc_ipynb_file__ = {str(path)!r}").status == "ok"
+    result = nb.run(sources[1])
+    assert result.stdout == "42\n"
+    assert nb.ran() == ["va", "vb"], "the parent ran hidden, learned from the saved notebook"
