@@ -185,6 +185,8 @@ class Runner:
         return keys
 
     async def _bring(self, names: list[str], keys: dict[str, str], report: Report) -> None:
+        if not names:  # a component without parents: no cache lookup
+            return
         valid = await asyncio.to_thread(lambda: {k for k in keys.values() if k in self.cache})
         for each in names:
             component = self.graph.component(each)
