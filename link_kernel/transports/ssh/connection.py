@@ -8,6 +8,7 @@ kernels, blobs or work directories (that is :mod:`.transport`).
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import secrets
 import selectors
@@ -15,7 +16,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import paramiko
 
@@ -289,6 +290,15 @@ class SSHConnection:
         session = self._live()
         with session.sftp_lock:
             return self._sftp_locked(session)
+
+    @contextlib.contextmanager
+    def locked_sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """The SFTP client, held by this thread for the ``with`` block: requests of two
+        threads on one client (a kernel start writing its connection file while the
+        inputs' blobs are listed) can leave both waiting for ever."""
+        session = self._live()
+        with session.sftp_lock:
+            yield self._sftp_locked(session)
 
     def _sftp_locked(self, session: _Session) -> _SFTPClient:
         if session.sftp is None or session.sftp.sock.closed:

@@ -104,16 +104,16 @@ class SSHTransport(Transport):
         return self.workdir
 
     def _prepare(self) -> None:
-        sftp = self._live().sftp()
-        self.home = sftp.normalize(".")
-        if not self.workdir.startswith("/"):
-            self.workdir = posixpath.join(self.home, self.workdir.removeprefix("~/"))
-        cache = self.config.cache or "~/.cache/link-kernel/host-blobs"
-        if not cache.startswith("/"):
-            cache = posixpath.join(self.home, cache.removeprefix("~/"))
-        self.blob_dir = cache
-        for path, mode in ((self.workdir, 0o755), (self.path(".link"), 0o700), (self.blob_dir, 0o700)):
-            _makedirs(sftp, path, mode)
+        with self._live().locked_sftp() as sftp:
+            self.home = sftp.normalize(".")
+            if not self.workdir.startswith("/"):
+                self.workdir = posixpath.join(self.home, self.workdir.removeprefix("~/"))
+            cache = self.config.cache or "~/.cache/link-kernel/host-blobs"
+            if not cache.startswith("/"):
+                cache = posixpath.join(self.home, cache.removeprefix("~/"))
+            self.blob_dir = cache
+            for path, mode in ((self.workdir, 0o755), (self.path(".link"), 0o700), (self.blob_dir, 0o700)):
+                _makedirs(sftp, path, mode)
 
     async def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
         await asyncio.to_thread(self._live().put_file, path, data, mode)
@@ -121,7 +121,8 @@ class SSHTransport(Transport):
     async def exists(self, path: str) -> bool:
         def stat() -> bool:
             try:
-                self._live().sftp().stat(path)
+                with self._live().locked_sftp() as sftp:
+                    sftp.stat(path)
             except FileNotFoundError:
                 return False
             return True
@@ -131,7 +132,8 @@ class SSHTransport(Transport):
     async def remove(self, path: str) -> None:
         def remove() -> None:
             try:
-                self._live().sftp().remove(path)
+                with self._live().locked_sftp() as sftp:
+                    sftp.remove(path)
             except FileNotFoundError:
                 pass
 
@@ -166,7 +168,11 @@ class SSHTransport(Transport):
         return self._fs
 
     async def missing_blobs(self, ids: list[str]) -> list[str]:
-        present = set(await asyncio.to_thread(self._live().sftp().listdir, self.blob_dir))
+        def listdir() -> list[str]:
+            with self._live().locked_sftp() as sftp:
+                return sftp.listdir(self.blob_dir)
+
+        present = set(await asyncio.to_thread(listdir))
         return [i for i in ids if i not in present and i + UNCHECKED not in present]
 
     async def push_blobs(self, local_store: str, ids: list[str]) -> None:
@@ -174,7 +180,6 @@ class SSHTransport(Transport):
 
     def _push_blobs(self, local_store: str, ids: list[str]) -> None:
         connection = self._live()
-        sftp = connection.sftp()
         for blob_id in ids:
             source = os.path.join(local_store, blob_id)
             if not os.path.exists(source):
@@ -185,10 +190,14 @@ class SSHTransport(Transport):
                 continue
             temp = f"{target}.{secrets.token_hex(4)}.part"
             try:
-                sftp.put(source, temp, confirm=True)
-                sftp.posix_rename(temp, target)
+                with connection.locked_sftp() as sftp:
+                    try:
+                        sftp.put(source, temp, confirm=True)
+                        sftp.posix_rename(temp, target)
+                    except (OSError, paramiko.SSHException, EOFError):
+                        _quietly(sftp.remove, temp)
+                        raise
             except (OSError, paramiko.SSHException, EOFError) as exc:
-                _quietly(sftp.remove, temp)
                 if not connection.alive:
                     raise ConnectionLostError(self.alias, f"{self.alias} went away while "
                                               f"receiving {blob_id}") from exc
@@ -225,7 +234,8 @@ class SSHTransport(Transport):
         if not upload:
             _quietly(os.unlink, temp)
         else:
-            _quietly(self._live().sftp().remove, temp)
+            with self._live().locked_sftp() as sftp:
+                _quietly(sftp.remove, temp)
         error = proc.stderr.decode(errors="replace").strip()
         doing = f"{'sending' if upload else 'fetching'} {posixpath.basename(remote)}"
         if proc.returncode == 255 and _CANNOT_LOG_IN.search(error):
@@ -281,13 +291,13 @@ class SSHTransport(Transport):
 
     def _pull_blobs(self, ids: list[str], local_store: str) -> None:
         connection = self._live()
-        sftp = connection.sftp()
         os.makedirs(local_store, mode=0o700, exist_ok=True)
         for blob_id in ids:
             target = os.path.join(local_store, blob_id + UNCHECKED)
             source = posixpath.join(self.blob_dir, blob_id)
             try:
-                size = sftp.stat(source).st_size or 0
+                with connection.locked_sftp() as sftp:
+                    size = sftp.stat(source).st_size or 0
             except FileNotFoundError:  # it came from here and no kernel loaded it
                 source += UNCHECKED
                 size = 0
@@ -298,7 +308,8 @@ class SSHTransport(Transport):
             temp = f"{target}.{os.getpid()}.part"
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                sftp.read_into(source, fd)
+                with connection.locked_sftp() as sftp:
+                    sftp.read_into(source, fd)
                 os.close(fd)
                 fd = -1
                 os.replace(temp, target)
