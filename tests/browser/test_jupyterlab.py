@@ -26,6 +26,19 @@ def snap(page: Page, shots: Path):
     return save
 
 
+#: In the page, the nodes (label text, classes) and the edge count of a Mermaid image's SVG.
+_SVG_NODES = """img => {
+    const svg = decodeURIComponent(img.src.slice(img.src.indexOf(",") + 1));
+    const doc = new DOMParser().parseFromString(svg, "image/svg+xml");
+    doc.querySelectorAll("br").forEach(br => br.replaceWith(" "));  // a label's lines
+    const nodes = [...doc.querySelectorAll("g.node")].map(g => ({
+        label: g.textContent.replace(/\\s+/g, " ").trim(),
+        classes: g.getAttribute("class").split(/\\s+/),
+    }));
+    return [nodes, doc.querySelectorAll("path.flowchart-link").length];
+}"""
+
+
 def open_notebook(page: Page, lab: JupyterLab, name: str, cells: list[str]) -> Notebook:
     write_notebook(lab.root / name, cells)
     page.goto(lab.workspace_url(name))
@@ -173,3 +186,58 @@ def test_interrupt_stops_a_process_cell(page: Page, lab: JupyterLab, snap) -> No
     snap("09-interrupted-and-idle")
 
     expect(notebook.run(1)).to_have_text(["2"])  # the kernel still answers
+
+
+def test_pipeline_graph_renders(page: Page, lab: JupyterLab, snap) -> None:
+    """``%link pipeline`` in JupyterLab: the Mermaid block of its text/markdown output is
+    drawn as a graph (an SVG whose nodes are the components, each with its state)."""
+    cells = [
+        "# link: name=load\nrows = list(range(100))",
+        "# link: name=clean after=load\nrows = [r for r in rows if r % 3]",
+        "# link: name=fit after=clean\nmodel = sum(rows)",
+        "# link: name=baseline after=clean\nmodel = 0\nraise ValueError('no baseline yet')",
+        "# link: name=report after=fit\nprint('fit model', model)",
+        "# link: name=compare after=fit,baseline\nprint(model)",
+        "%link pipeline",
+    ]
+    notebook = open_notebook(page, lab, "pipeline.ipynb", cells)
+    # report brings load, clean and fit up to date (run hidden): four fresh components
+    expect(notebook.run(4)).to_have_text(
+        [*(re.compile(rf"^↳ {name}: ran on local in ") for name in ("load", "clean", "fit")),
+         re.compile(r"^fit model 3267\s*$")]
+    )
+    notebook.run(3)  # baseline raises: failed
+    expect(notebook.error(3)).to_contain_text("ValueError")
+    # fit edited and run again: its child report is stale; compare never ran
+    notebook.set_source(2, "# link: name=fit after=clean\nmodel = 2 * sum(rows)")
+    notebook.run(2)
+
+    notebook.run(6)
+    output = notebook.outputs(6)
+    expect(output).to_have_count(1)
+    expect(output).to_have_attribute("data-mime-type", "text/markdown")
+    # JupyterLab draws the block as an SVG image: loaded, not the block's text or a warning
+    picture = output.locator(".jp-RenderedMermaid:not(.jp-mod-warning) figure img")
+    expect(picture).to_be_visible()
+    expect(picture).to_have_attribute("src", re.compile(r"^data:image/svg\+xml,"))
+    picture.evaluate("img => img.decode()")
+    size = picture.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert min(size) > 100, f"the graph is {size} pixels"
+    nodes, edges = picture.evaluate(_SVG_NODES)
+    states = {
+        "load": "fresh",
+        "clean": "fresh",
+        "fit": "fresh",
+        "baseline": "failed",
+        "report": "stale",
+        "compare": "never run",
+    }
+    assert {n["label"].split()[0]: n for n in nodes}.keys() == states.keys(), nodes
+    for node in nodes:
+        name, state = node["label"].split()[0], states[node["label"].split()[0]]
+        assert node["label"].startswith(f"{name} {state}"), node
+        assert state.replace(" ", "_") in node["classes"], node
+    assert edges == 6, "load-clean, clean-fit, clean-baseline, fit-report, fit-compare, baseline-compare"
+    # the text list under the picture, for the record
+    expect(output).to_contain_text(re.compile(r"report\s+stale"))
+    snap("10-pipeline-graph", output)
