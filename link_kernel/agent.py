@@ -719,10 +719,10 @@ def _available_memory() -> int:
 #
 # A notebook's kernel keeps more than its namespace: the global random generators,
 # os.environ, sys.path, warnings filters, matplotlib's rcParams (and the inline
-# backend's settings), pandas' options. A fresh remote kernel starts clean, so the
-# router carries them both ways (see :func:`capture_state`): the local kernel's are
-# restored in the remote kernel before the cell, and what the cell changed comes
-# back with its results. A section whose module is not imported on the other side
+# backend's settings), pandas' options, numpy's print options. A fresh remote kernel
+# starts clean, so the router carries them both ways (see :func:`capture_state`): the
+# local kernel's are restored in the remote kernel before the cell, and what the cell
+# changed comes back with its results. A section whose module is not imported on the other side
 # yet is restored the moment it is imported (:func:`_when_imported`), so torch is
 # never imported for a cell that does not use it.
 
@@ -980,16 +980,50 @@ def _set_pandas(options: dict) -> None:
                     pass
 
 
+#: numpy's print options in a fresh interpreter (the same since numpy 1.14), as
+#: ``get_printoptions`` gives them; a key another version lacks is left out.
+_NUMPY_PRINT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "precision": 8,
+                "suppress": False, "linewidth": 75, "nanstr": "nan", "infstr": "inf",
+                "sign": "-", "formatter": None, "legacy": False, "override_repr": None}
+
+
+def _get_numpy_print() -> dict:
+    """numpy's print options (``np.set_printoptions``) that differ from a fresh kernel's."""
+    now = sys.modules["numpy"].get_printoptions()
+    return {k: v for k, v in now.items() if k not in _NUMPY_PRINT or _differs(v, _NUMPY_PRINT[k])}
+
+
+def _set_numpy_print(options: dict) -> None:
+    numpy = _module("numpy")
+    known = numpy.get_printoptions()
+    wanted = {k: v for k, v in _NUMPY_PRINT.items() if k in known}  # what the sender has at default
+    wanted.update({k: v for k, v in options.items() if k in known})
+    try:
+        numpy.set_printoptions(**wanted)
+    except (TypeError, ValueError):  # another numpy: set what it takes, one by one
+        for key, value in wanted.items():
+            try:
+                numpy.set_printoptions(**{key: value})
+            except (TypeError, ValueError):
+                pass
+
+
 #: section -> (the module it lives in, read it, set it). A section is read only
 #: where its module is imported, and set the moment its module is.
 _MODULE_STATE = {
     "random": ("random", _get_random, _set_random),
     "numpy": ("numpy.random", _get_numpy, _set_numpy),
+    "numpy_print": ("numpy", _get_numpy_print, _set_numpy_print),
     "torch": ("torch", _get_torch, _set_torch),
     "matplotlib": ("matplotlib", _get_matplotlib, _set_matplotlib),
     "inline": ("matplotlib_inline.config", _get_inline, _set_inline),
     "pandas": ("pandas", _get_pandas, _set_pandas),
 }
+
+
+#: Sections that hold options which differ from their defaults: an empty one (all at
+#: their defaults) is still read, so a cell that resets them is seen.
+_OPTIONS = frozenset({"matplotlib", "pandas", "numpy_print"})
 
 
 def _module_state() -> dict:
@@ -1001,7 +1035,7 @@ def _module_state() -> dict:
                 value = get()
             except Exception:  # half imported, or an unknown version: not carried
                 continue
-            if value is not None and (value != {} or section in ("matplotlib", "pandas")):
+            if value is not None and (value != {} or section in _OPTIONS):
                 out[section] = value
     return out
 
@@ -1019,8 +1053,8 @@ def capture_state(shell, algo: str, first=()) -> dict:
 
     Only what differs from a fresh kernel: the environment and sys.path as changes
     since this kernel started (host variables such as HOME, PATH and JPY_* aside),
-    warnings filters if they changed, rcParams and pandas options that differ from
-    their defaults (for the modules imported here); the generators always, for
+    warnings filters if they changed, rcParams, pandas options and numpy print
+    options that differ from their defaults (for the modules imported here); the generators always, for
     the modules imported here. Also the modules the notebook uses (a standby
     imports them ahead of the next cell).
     """

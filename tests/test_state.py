@@ -165,3 +165,15 @@ def test_the_standby_has_the_notebooks_modules_imported(remote, tmp_path, module
         assert check.result == "True", check.text
     finally:
         client.shutdown()
+
+
+def test_numpy_print_options_shape_a_remote_repr(link_remote, remote):
+    link_remote.run("import numpy as np\nnp.set_printoptions(precision=3, suppress=True)\n"
+                    "v = np.array([1e-9, 1/3, 2.0])")
+    local = link_remote.run("v")
+    assert local.result == "array([0.   , 0.333, 2.   ])", local.text
+    assert link_remote.run(f"# link: {remote}\nv").result == local.result
+    link_remote.run(f"# link: {remote}\nimport numpy as np\nnp.set_printoptions(precision=1)")
+    assert link_remote.run("v").result == "array([0. , 0.3, 2. ])"  # suppress stays as it was
+    link_remote.run(f"# link: {remote}\nimport numpy as np\nnp.set_printoptions(suppress=False, precision=8)")
+    assert link_remote.run("v").result == "array([1.00000000e-09, 3.33333333e-01, 2.00000000e+00])"
