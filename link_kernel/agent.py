@@ -244,6 +244,9 @@ def _pickler_class():
             if type(obj) is types.FunctionType or isinstance(obj, type):
                 return _code_reference(obj, self.reached)
             if isinstance(obj, bound):
+                closed = _closed_file(obj)
+                if closed is not None:
+                    return closed
                 raise Refused(_refusal(obj))
             with_grad = _tensor_with_grad(obj)
             if with_grad is not None:
@@ -255,6 +258,52 @@ def _pickler_class():
 
     _PICKLER = Pickler
     return Pickler
+
+
+def _closed_file(obj):
+    """The reduction of a closed file on disk (``with open(...) as f`` leaves ``f``
+    bound to one): a closed file of the same type, name, mode and encoding, as a
+    plain kernel keeps it. None for anything else: an open file stays refused.
+    """
+    import io
+
+    try:
+        if not obj.closed:
+            return None
+        raw = obj
+        while isinstance(raw, (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter,
+                               io.BufferedRandom)):
+            raw = raw.buffer if isinstance(raw, io.TextIOWrapper) else raw.raw
+        if type(raw) is not io.FileIO or type(obj).__module__ not in ("_io", "io"):
+            return None
+        text = isinstance(obj, io.TextIOWrapper)
+        mode = getattr(obj, "mode", None) if text else raw.mode
+        if not isinstance(mode, str):
+            return None
+        return _closed_file_like, (type(obj).__name__, raw.name, mode,
+                                   obj.encoding if text else None, obj.errors if text else None)
+    except (ValueError, AttributeError):
+        return None
+
+
+def _closed_file_like(kind: str, name, mode: str, encoding, errors):
+    """A closed file like the one :func:`_closed_file` saw (opened on os.devnull, renamed)."""
+    import io
+
+    opening = mode.replace("x", "w").replace("U", "")
+    if kind == "FileIO":
+        f = io.FileIO(os.devnull, opening.replace("b", "").replace("t", "") or "r")
+    elif kind == "TextIOWrapper":
+        f = open(os.devnull, opening, encoding=encoding, errors=errors)
+        f.mode = mode
+    else:
+        f = open(os.devnull, opening if "b" in opening else opening + "b")
+    raw = f
+    while not isinstance(raw, io.FileIO):
+        raw = raw.buffer if isinstance(raw, io.TextIOWrapper) else raw.raw
+    raw.name = name
+    f.close()
+    return f
 
 
 def _identity(value):
@@ -282,6 +331,14 @@ def _rebuilt_with_grad(rebuild, args, grad):
     tensor = rebuild(*args)
     tensor.grad = grad
     return tensor
+
+
+# The functions a pickle calls to rebuild a value are named as the agent's, which
+# every kernel has under this name (a host has no link_kernel package).
+for _rebuild in (_identity, _rebuilt_with_grad, _closed_file_like):
+    _rebuild.__module__ = NAME
+if __name__ in sys.modules:  # (a host's kernel registers the agent once it is loaded)
+    sys.modules.setdefault(NAME, sys.modules[__name__])
 
 
 def _code_reference(obj, reached: set):

@@ -94,6 +94,22 @@ def test_unserializable_inputs_are_refused_before_the_cell_runs(link_remote, rem
     assert link_remote.run("sentinel").result == "'before'"
 
 
+def test_a_closed_file_comes_back_closed_with_its_name_and_mode(link_remote, remote):
+    """``with open(...) as f`` leaves ``f`` bound to a closed file, as in plain Python."""
+    result = link_remote.run(
+        f"# link: {remote}\nwith open('closed_file.txt', 'a', encoding='latin-1') as log:\n"
+        "    log.write('x')\nwith open('closed_file.txt', 'rb') as raw:\n    raw.read()"
+    )
+    assert result.status == "ok", result.text
+    assert result.stderr == "", result.stderr
+    assert link_remote.run("print(log, log.closed, raw, raw.mode)").stdout == (
+        "<_io.TextIOWrapper name='closed_file.txt' mode='a' encoding='latin-1'> True "
+        "<_io.BufferedReader name='closed_file.txt'> rb\n"
+    )
+    sent = link_remote.run(f"# link: {remote}\nprint(repr(log), log.closed)")
+    assert sent.stdout == "<_io.TextIOWrapper name='closed_file.txt' mode='a' encoding='latin-1'> True\n", sent.text
+
+
 def test_outputs_that_cannot_come_back_are_named_and_the_rest_arrive(link_remote, remote):
     result = link_remote.run(f"# link: {remote}\nimport threading\nmade_lock = threading.Lock()\nmade_value = 5")
     assert result.status == "ok"
