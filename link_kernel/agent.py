@@ -243,6 +243,9 @@ def _pickler_class():
                 return obj.__reduce_ex__(5)
             if type(obj) is types.FunctionType or isinstance(obj, type):
                 return _code_reference(obj, self.reached)
+            widget = _widget_reduction(obj)
+            if widget is not None:
+                return widget
             if isinstance(obj, bound):
                 closed = _closed_file(obj)
                 if closed is not None:
@@ -333,9 +336,171 @@ def _rebuilt_with_grad(rebuild, args, grad):
     return tensor
 
 
+# -- widgets ---------------------------------------------------------------------------
+#
+# An ipywidgets widget is a model in the frontend, reached through its kernel's comm.
+# It travels as its state (trait values, the observers the notebook added) and its
+# model id, never its comm: in a remote cell it is a stand-in for the live local
+# widget (reading ``slider.value`` reads the local value; displaying it shows the live
+# local widget, whose model the frontend knows by that id; its messages go nowhere),
+# and what the cell changed is set on the local widget when the results arrive, which
+# the frontend's views then show. Its observers ran in the remote cell, as they would
+# have in a plain kernel, and what they changed comes back with the cell's results, so
+# the local widget takes the new values without running them twice. A widget a remote
+# cell made comes back as a live widget of the local kernel.
+
+#: Remote side: this kernel runs routed cells (set by :func:`install`).
+_REMOTE = False
+#: Remote side: this kernel is kept after the running cell (its widgets stay live here).
+_KEPT = False
+#: Local side: (live widget, arrived state) to set once a cell's results have all loaded.
+_WIDGET_UPDATES: list = []
+#: What a widget's __dict__ holds that belongs to its kernel, not to its state.
+_WIDGET_OWN = frozenset({"_repr_mimebundle_", "_model_id"})
+#: traitlets' machinery in a widget's __dict__ (reset by its __getstate__).
+_TRAITS_OWN = frozenset({"_trait_values", "_trait_notifiers", "_trait_validators",
+                         "_cross_validation_lock"})
+
+
+def _widget_module():
+    return sys.modules.get("ipywidgets.widgets.widget")
+
+
+def _widget_reduction(obj):
+    """The reduction of an ipywidgets widget (see above); None for anything else."""
+    module = _widget_module()
+    if module is None or not isinstance(obj, module.Widget):
+        return None
+    import traitlets
+
+    state = obj.__getstate__()
+    state["_trait_values"] = {k: v for k, v in state["_trait_values"].items() if k != "comm"}
+    for key in _WIDGET_OWN:
+        state.pop(key, None)
+    observers = []  # the notebook's own: the class's handlers come with the class
+    for name, kinds in obj._trait_notifiers.items():
+        for kind, handlers in kinds.items():
+            observers += [[name, kind, h] for h in handlers if not isinstance(h, traitlets.EventHandler)]
+    comm = obj._trait_values.get("comm")
+    model_id = getattr(comm, "comm_id", None) if comm is not None else None
+    if _REMOTE and _KEPT and comm is not None and not isinstance(comm, _ElsewhereComm):
+        raise Refused("a widget made in a kept kernel stays live there; use it from the cells "
+                      "that run in that kernel")
+    return _widget_like, (type(obj), model_id), (state, observers), None, None, _set_widget_state
+
+
+def _live_widget(model_id):
+    module = _widget_module()
+    if module is None or model_id is None:
+        return None
+    instances = getattr(module, "_instances", None)
+    if instances is None:  # ipywidgets 7
+        instances = getattr(module.Widget, "widgets", {})
+    return instances.get(model_id)
+
+
+class _ElsewhereComm:
+    """The comm of a widget whose live model is in the other kernel: it has that
+    model's id, and what the widget sends goes nowhere."""
+
+    kernel = None
+
+    def __init__(self, comm_id: str) -> None:
+        self.comm_id = comm_id
+
+    def send(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self, *args, **kwargs) -> None:
+        pass
+
+    def on_msg(self, callback) -> None:
+        pass
+
+    def on_close(self, callback) -> None:
+        pass
+
+
+def _widget_like(cls, model_id):
+    """The live widget of this model id in this kernel, or a new one of ``cls`` (its
+    state is set by :func:`_set_widget_state`)."""
+    live = _live_widget(model_id)
+    if live is not None and type(live) is cls:
+        return live
+    widget = cls.__new__(cls)
+    widget.__dict__["_link_model_id"] = model_id
+    return widget
+
+
+def _set_widget_state(widget, state) -> None:
+    values, observers = state
+    model_id = widget.__dict__.pop("_link_model_id", _MISSING)
+    if model_id is _MISSING:  # the live widget: set when the results have all arrived
+        if _REMOTE:  # (a kept kernel's stand-in, from an earlier cell: before this one)
+            _update_widget(widget, values, observers)
+        else:
+            _WIDGET_UPDATES.append((widget, values, observers))
+        return
+    widget.__setstate__(dict(values, _trait_values=dict(values["_trait_values"])))
+    for name, kind, handler in observers:
+        widget.observe(handler, names=name, type=kind)
+    if model_id is None:  # a closed widget stays closed
+        return
+    if _REMOTE:  # a stand-in for the live widget of the local kernel
+        import traitlets
+
+        widget._model_id = model_id
+        try:
+            widget.comm = _ElsewhereComm(model_id)
+        except traitlets.TraitError:  # a comm trait that takes only a kernel's comm
+            widget._trait_values["comm"] = _ElsewhereComm(model_id)
+    else:  # made by a remote cell whose kernel is gone: a live widget of this kernel
+        widget._model_id = None
+        widget.open()
+
+
+def _observer_key(observers) -> list:
+    return [(name, kind, getattr(h, "__qualname__", type(h).__qualname__)) for name, kind, h in observers]
+
+
+def _update_widgets() -> None:
+    """Set each live widget of this kernel to the state a remote cell left it in."""
+    updates, _WIDGET_UPDATES[:] = list(_WIDGET_UPDATES), []
+    for widget, values, observers in updates:
+        _update_widget(widget, values, observers)
+
+
+def _update_widget(widget, values: dict, observers: list) -> None:
+    """Set a live widget to the state it arrived in, without running its observers
+    (they ran where the cell ran), and tell the frontend's views."""
+    import traitlets
+
+    changed = []
+    for key, value in values["_trait_values"].items():
+        if key not in widget._trait_values or _differs(widget._trait_values[key], value):
+            widget._trait_values[key] = value
+            changed.append(key)
+    for key, value in values.items():
+        if key not in _TRAITS_OWN and (key not in widget.__dict__ or _differs(widget.__dict__[key], value)):
+            widget.__dict__[key] = value
+    mine = [[n, k, h] for n, kinds in widget._trait_notifiers.items() for k, hs in kinds.items()
+            for h in hs if not isinstance(h, traitlets.EventHandler)]
+    if _observer_key(mine) != _observer_key(observers):  # the cell added or removed some
+        for name, kind, handler in mine:
+            widget.unobserve(handler, names=name, type=kind)
+        for name, kind, handler in observers:
+            widget.observe(handler, names=name, type=kind)
+    synced = [k for k in changed if k in widget.keys]
+    if synced:
+        try:
+            widget.send_state(synced)
+        except Exception:
+            pass
+
+
 # The functions a pickle calls to rebuild a value are named as the agent's, which
 # every kernel has under this name (a host has no link_kernel package).
-for _rebuild in (_identity, _rebuilt_with_grad, _closed_file_like):
+for _rebuild in (_identity, _rebuilt_with_grad, _closed_file_like, _widget_like, _set_widget_state):
     _rebuild.__module__ = NAME
 if __name__ in sys.modules:  # (a host's kernel registers the agent once it is loaded)
     sys.modules.setdefault(NAME, sys.modules[__name__])
@@ -1571,6 +1736,7 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
 
     loaded = {}
     failures = []
+    _WIDGET_UPDATES.clear()
     loader = _Loader(store, memos=bool(_EXPORTED))
     for name, entry in values.items():
         try:
@@ -1583,6 +1749,10 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
         failures.append({"name": "(in place)", "reason": _reason(exc)})
     finally:
         _EXPORTED.clear()
+    try:  # the live widgets the cell changed
+        _update_widgets()
+    except Exception as exc:
+        failures.append({"name": "(widgets)", "reason": _reason(exc)})
     for name, module in (modules or {}).items():
         try:
             loaded[name] = importlib.import_module(module)
@@ -2153,10 +2323,12 @@ def install(shell, wrap: bool = True) -> None:
     router forwards cells unchanged, so tracebacks keep the cell's line
     numbers), and for the kernel they do nothing.
     """
+    global _REMOTE
     module = sys.modules.get(__name__)
     if module is not None:
         sys.modules[NAME] = module
     _note_baseline()
+    _REMOTE = wrap
 
     def link(line: str) -> None:
         """Handled by the Link router; a no-op inside a kernel."""
@@ -2376,7 +2548,9 @@ def _wrap_execute(shell, kernel, original):
         count = instructions.get("count")
         if isinstance(count, int) and count > 0:
             shell.execution_count = count
+        global _KEPT
         cell = Cell(shell, instructions)
+        _KEPT = not instructions.get("release")
         started = time.perf_counter()
         _finish_preimport()
         try:

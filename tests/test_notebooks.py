@@ -257,7 +257,6 @@ def test_normalizer_drops_only_run_to_run_noise():
 #: A notebook leaves this set as soon as it passes (an XPASS says so).
 NOT_YET_IDENTICAL: set[str] = {
     "09_magics_and_env",  # notebooks on one host alias share its work directory (!ls sees others)
-    "10_widgets",  # a widget cannot be an input of a remote cell
 }
 
 
