@@ -1296,7 +1296,24 @@ def capture_state(shell, algo: str, first=()) -> dict:
             sections[name] = _state_entry(value, algo)
         except Exception as exc:  # a filter's warning class that will not pickle, say
             errors[name] = _reason(exc)
+    for name, entry in _DEFERRED.items():  # restored, waiting for its module's import
+        if name not in sections and _MODULE_STATE[name][0] not in sys.modules:
+            sections[name] = entry
     return {"sections": sections, "errors": errors, "modules": notebook_modules(shell, first)}
+
+
+#: section -> the entry restored while its module was not imported yet: the state that
+#: section has, as far as the next cell is concerned (numpy imports numpy.random only
+#: when the notebook first uses it, say, after a remote cell seeded it).
+_DEFERRED: dict = {}
+
+
+def _set_deferred(name: str, setter, value, entry) -> None:
+    if _DEFERRED.get(name) is entry:
+        del _DEFERRED[name]
+    elif name in _DEFERRED:  # a later restore replaced it: that one sets it
+        return
+    setter(value)
 
 
 def restore_state(shell, sections: dict) -> list:
@@ -1315,7 +1332,11 @@ def restore_state(shell, sections: dict) -> list:
             elif name in _MODULE_STATE:
                 module, _, put = _MODULE_STATE[name]
                 setter = (lambda v, put=put: put(v, shell)) if name == "inline" else put
-                _when_imported(module, functools.partial(setter, value))
+                if module not in sys.modules:  # what it is until its module is imported
+                    _DEFERRED[name] = entry
+                else:
+                    _DEFERRED.pop(name, None)
+                _when_imported(module, functools.partial(_set_deferred, name, setter, value, entry))
                 if name == "matplotlib":  # an older inline backend sets its rc when it loads
                     _when_imported("matplotlib_inline.backend_inline",
                                    functools.partial(setter, value), now=False)
