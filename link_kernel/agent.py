@@ -1770,6 +1770,10 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
         failures.append({"name": "(in place)", "reason": _reason(exc)})
     finally:
         _EXPORTED.clear()
+    try:  # an array that was a view into an input is one into the local array again
+        _as_views(values, loaded, shell.user_ns)
+    except Exception as exc:
+        failures.append({"name": "(views)", "reason": _reason(exc)})
     try:  # the live widgets the cell changed
         _update_widgets()
     except Exception as exc:
@@ -2260,6 +2264,9 @@ class Cell:
         out["values"], out["errors"] = _describe_all(values, self.algo, self.store, self.origin,
                                                      done)
         _last_memos.clear()
+        for name, view in _views_of_inputs(values, {n: now[n] for n in self.inputs if n in now}).items():
+            if name in out["values"]:
+                out["values"][name]["view"] = view
         _bring_reached(self, out, now, values)
         if self.cap:
             trim_store(self.store, self.cap)
@@ -2295,6 +2302,54 @@ class Cell:
             if blob_id != self._input_id(name):
                 changed.update({n: now[n] for n in names})
         return changed
+
+
+def _views_of_inputs(values: dict, inputs: dict) -> dict:
+    """{name: [input name, byte offset, shape, strides]} of the arrays among ``values``
+    that are views into an input array (``row = a[1]``): locally, they become views
+    of the local array, so they see what later changes it, as in plain Python."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return {}
+    bases = {n: v for n, v in inputs.items()
+             if type(v) is numpy.ndarray and v.flags.c_contiguous and v.nbytes}
+    views = {}
+    for name, value in values.items():
+        if type(value) is not numpy.ndarray or name in bases or not value.nbytes:
+            continue
+        low, high = numpy.lib.array_utils.byte_bounds(value) if hasattr(numpy.lib, "array_utils") \
+            else numpy.byte_bounds(value)
+        for base_name, base in bases.items():
+            start = base.__array_interface__["data"][0]
+            if start <= low and high <= start + base.nbytes and value.dtype == base.dtype:
+                offset = value.__array_interface__["data"][0] - start
+                views[name] = [base_name, offset, list(value.shape), list(value.strides)]
+                break
+    return views
+
+
+def _as_views(values: dict, loaded: dict, ns: dict) -> None:
+    """Make the arrays that were views into an input on the host views into the local
+    array again (see :func:`_views_of_inputs`)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return
+    for name, entry in values.items():
+        view = entry.get("view") if isinstance(entry, dict) else None
+        arrived = loaded.get(name)
+        if view is None or type(arrived) is not numpy.ndarray:
+            continue
+        base_name, offset, shape, strides = view
+        base = loaded.get(base_name, ns.get(base_name))
+        if type(base) is not numpy.ndarray or not base.flags.c_contiguous or base.dtype != arrived.dtype:
+            continue
+        try:
+            local = numpy.ndarray(tuple(shape), arrived.dtype, buffer=base, offset=offset,
+                                  strides=tuple(strides))
+        except (TypeError, ValueError):  # not within the local array: the copy stays
+            continue
+        if local.shape == arrived.shape and numpy.array_equal(local, arrived, equal_nan=arrived.dtype.kind in "fc"):
+            loaded[name] = local
 
 
 def _bring_reached(cell: Cell, out: dict, now: dict, values: dict) -> None:
