@@ -243,7 +243,13 @@ def _pickler_class():
                 return obj.__reduce_ex__(5)
             if type(obj) is types.FunctionType or isinstance(obj, type):
                 return _code_reference(obj, self.reached)
+            widget = _widget_reduction(obj)
+            if widget is not None:
+                return widget
             if isinstance(obj, bound):
+                closed = _closed_file(obj)
+                if closed is not None:
+                    return closed
                 raise Refused(_refusal(obj))
             with_grad = _tensor_with_grad(obj)
             if with_grad is not None:
@@ -255,6 +261,52 @@ def _pickler_class():
 
     _PICKLER = Pickler
     return Pickler
+
+
+def _closed_file(obj):
+    """The reduction of a closed file on disk (``with open(...) as f`` leaves ``f``
+    bound to one): a closed file of the same type, name, mode and encoding, as a
+    plain kernel keeps it. None for anything else: an open file stays refused.
+    """
+    import io
+
+    try:
+        if not obj.closed:
+            return None
+        raw = obj
+        while isinstance(raw, (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter,
+                               io.BufferedRandom)):
+            raw = raw.buffer if isinstance(raw, io.TextIOWrapper) else raw.raw
+        if type(raw) is not io.FileIO or type(obj).__module__ not in ("_io", "io"):
+            return None
+        text = isinstance(obj, io.TextIOWrapper)
+        mode = getattr(obj, "mode", None) if text else raw.mode
+        if not isinstance(mode, str):
+            return None
+        return _closed_file_like, (type(obj).__name__, raw.name, mode,
+                                   obj.encoding if text else None, obj.errors if text else None)
+    except (ValueError, AttributeError):
+        return None
+
+
+def _closed_file_like(kind: str, name, mode: str, encoding, errors):
+    """A closed file like the one :func:`_closed_file` saw (opened on os.devnull, renamed)."""
+    import io
+
+    opening = mode.replace("x", "w").replace("U", "")
+    if kind == "FileIO":
+        f = io.FileIO(os.devnull, opening.replace("b", "").replace("t", "") or "r")
+    elif kind == "TextIOWrapper":
+        f = open(os.devnull, opening, encoding=encoding, errors=errors)
+        f.mode = mode
+    else:
+        f = open(os.devnull, opening if "b" in opening else opening + "b")
+    raw = f
+    while not isinstance(raw, io.FileIO):
+        raw = raw.buffer if isinstance(raw, io.TextIOWrapper) else raw.raw
+    raw.name = name
+    f.close()
+    return f
 
 
 def _identity(value):
@@ -282,6 +334,176 @@ def _rebuilt_with_grad(rebuild, args, grad):
     tensor = rebuild(*args)
     tensor.grad = grad
     return tensor
+
+
+# -- widgets ---------------------------------------------------------------------------
+#
+# An ipywidgets widget is a model in the frontend, reached through its kernel's comm.
+# It travels as its state (trait values, the observers the notebook added) and its
+# model id, never its comm: in a remote cell it is a stand-in for the live local
+# widget (reading ``slider.value`` reads the local value; displaying it shows the live
+# local widget, whose model the frontend knows by that id; its messages go nowhere),
+# and what the cell changed is set on the local widget when the results arrive, which
+# the frontend's views then show. Its observers ran in the remote cell, as they would
+# have in a plain kernel, and what they changed comes back with the cell's results, so
+# the local widget takes the new values without running them twice. A widget a remote
+# cell made comes back as a live widget of the local kernel.
+
+#: Remote side: this kernel runs routed cells (set by :func:`install`).
+_REMOTE = False
+#: Remote side: this kernel is kept after the running cell (its widgets stay live here).
+_KEPT = False
+#: Local side: (live widget, arrived state) to set once a cell's results have all loaded.
+_WIDGET_UPDATES: list = []
+#: What a widget's __dict__ holds that belongs to its kernel, not to its state.
+_WIDGET_OWN = frozenset({"_repr_mimebundle_", "_model_id"})
+#: traitlets' machinery in a widget's __dict__ (reset by its __getstate__).
+_TRAITS_OWN = frozenset({"_trait_values", "_trait_notifiers", "_trait_validators",
+                         "_cross_validation_lock"})
+
+
+def _widget_module():
+    return sys.modules.get("ipywidgets.widgets.widget")
+
+
+def _widget_reduction(obj):
+    """The reduction of an ipywidgets widget (see above); None for anything else."""
+    module = _widget_module()
+    if module is None or not isinstance(obj, module.Widget):
+        return None
+    import traitlets
+
+    state = obj.__getstate__()
+    state["_trait_values"] = {k: v for k, v in state["_trait_values"].items() if k != "comm"}
+    for key in _WIDGET_OWN:
+        state.pop(key, None)
+    observers = []  # the notebook's own: the class's handlers come with the class
+    for name, kinds in obj._trait_notifiers.items():
+        for kind, handlers in kinds.items():
+            observers += [[name, kind, h] for h in handlers if not isinstance(h, traitlets.EventHandler)]
+    comm = obj._trait_values.get("comm")
+    model_id = getattr(comm, "comm_id", None) if comm is not None else None
+    if _REMOTE and _KEPT and comm is not None and not isinstance(comm, _ElsewhereComm):
+        raise Refused("a widget made in a kept kernel stays live there; use it from the cells "
+                      "that run in that kernel")
+    return _widget_like, (type(obj), model_id), (state, observers), None, None, _set_widget_state
+
+
+def _live_widget(model_id):
+    module = _widget_module()
+    if module is None or model_id is None:
+        return None
+    instances = getattr(module, "_instances", None)
+    if instances is None:  # ipywidgets 7
+        instances = getattr(module.Widget, "widgets", {})
+    return instances.get(model_id)
+
+
+class _ElsewhereComm:
+    """The comm of a widget whose live model is in the other kernel: it has that
+    model's id, and what the widget sends goes nowhere."""
+
+    kernel = None
+
+    def __init__(self, comm_id: str) -> None:
+        self.comm_id = comm_id
+
+    def send(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self, *args, **kwargs) -> None:
+        pass
+
+    def on_msg(self, callback) -> None:
+        pass
+
+    def on_close(self, callback) -> None:
+        pass
+
+
+def _widget_like(cls, model_id):
+    """The live widget of this model id in this kernel, or a new one of ``cls`` (its
+    state is set by :func:`_set_widget_state`)."""
+    live = _live_widget(model_id)
+    if live is not None and type(live) is cls:
+        return live
+    widget = cls.__new__(cls)
+    widget.__dict__["_link_model_id"] = model_id
+    return widget
+
+
+def _set_widget_state(widget, state) -> None:
+    values, observers = state
+    model_id = widget.__dict__.pop("_link_model_id", _MISSING)
+    if model_id is _MISSING:  # the live widget: set when the results have all arrived
+        if _REMOTE:  # (a kept kernel's stand-in, from an earlier cell: before this one)
+            _update_widget(widget, values, observers)
+        else:
+            _WIDGET_UPDATES.append((widget, values, observers))
+        return
+    widget.__setstate__(dict(values, _trait_values=dict(values["_trait_values"])))
+    for name, kind, handler in observers:
+        widget.observe(handler, names=name, type=kind)
+    if model_id is None:  # a closed widget stays closed
+        return
+    if _REMOTE:  # a stand-in for the live widget of the local kernel
+        import traitlets
+
+        widget._model_id = model_id
+        try:
+            widget.comm = _ElsewhereComm(model_id)
+        except traitlets.TraitError:  # a comm trait that takes only a kernel's comm
+            widget._trait_values["comm"] = _ElsewhereComm(model_id)
+    else:  # made by a remote cell whose kernel is gone: a live widget of this kernel
+        widget._model_id = None
+        widget.open()
+
+
+def _observer_key(observers) -> list:
+    return [(name, kind, getattr(h, "__qualname__", type(h).__qualname__)) for name, kind, h in observers]
+
+
+def _update_widgets() -> None:
+    """Set each live widget of this kernel to the state a remote cell left it in."""
+    updates, _WIDGET_UPDATES[:] = list(_WIDGET_UPDATES), []
+    for widget, values, observers in updates:
+        _update_widget(widget, values, observers)
+
+
+def _update_widget(widget, values: dict, observers: list) -> None:
+    """Set a live widget to the state it arrived in, without running its observers
+    (they ran where the cell ran), and tell the frontend's views."""
+    import traitlets
+
+    changed = []
+    for key, value in values["_trait_values"].items():
+        if key not in widget._trait_values or _differs(widget._trait_values[key], value):
+            widget._trait_values[key] = value
+            changed.append(key)
+    for key, value in values.items():
+        if key not in _TRAITS_OWN and (key not in widget.__dict__ or _differs(widget.__dict__[key], value)):
+            widget.__dict__[key] = value
+    mine = [[n, k, h] for n, kinds in widget._trait_notifiers.items() for k, hs in kinds.items()
+            for h in hs if not isinstance(h, traitlets.EventHandler)]
+    if _observer_key(mine) != _observer_key(observers):  # the cell added or removed some
+        for name, kind, handler in mine:
+            widget.unobserve(handler, names=name, type=kind)
+        for name, kind, handler in observers:
+            widget.observe(handler, names=name, type=kind)
+    synced = [k for k in changed if k in widget.keys]
+    if synced:
+        try:
+            widget.send_state(synced)
+        except Exception:
+            pass
+
+
+# The functions a pickle calls to rebuild a value are named as the agent's, which
+# every kernel has under this name (a host has no link_kernel package).
+for _rebuild in (_identity, _rebuilt_with_grad, _closed_file_like, _widget_like, _set_widget_state):
+    _rebuild.__module__ = NAME
+if __name__ in sys.modules:  # (a host's kernel registers the agent once it is loaded)
+    sys.modules.setdefault(NAME, sys.modules[__name__])
 
 
 def _code_reference(obj, reached: set):
@@ -719,10 +941,10 @@ def _available_memory() -> int:
 #
 # A notebook's kernel keeps more than its namespace: the global random generators,
 # os.environ, sys.path, warnings filters, matplotlib's rcParams (and the inline
-# backend's settings), pandas' options. A fresh remote kernel starts clean, so the
-# router carries them both ways (see :func:`capture_state`): the local kernel's are
-# restored in the remote kernel before the cell, and what the cell changed comes
-# back with its results. A section whose module is not imported on the other side
+# backend's settings), pandas' options, numpy's print options. A fresh remote kernel
+# starts clean, so the router carries them both ways (see :func:`capture_state`): the
+# local kernel's are restored in the remote kernel before the cell, and what the cell
+# changed comes back with its results. A section whose module is not imported on the other side
 # yet is restored the moment it is imported (:func:`_when_imported`), so torch is
 # never imported for a cell that does not use it.
 
@@ -980,16 +1202,50 @@ def _set_pandas(options: dict) -> None:
                     pass
 
 
+#: numpy's print options in a fresh interpreter (the same since numpy 1.14), as
+#: ``get_printoptions`` gives them; a key another version lacks is left out.
+_NUMPY_PRINT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "precision": 8,
+                "suppress": False, "linewidth": 75, "nanstr": "nan", "infstr": "inf",
+                "sign": "-", "formatter": None, "legacy": False, "override_repr": None}
+
+
+def _get_numpy_print() -> dict:
+    """numpy's print options (``np.set_printoptions``) that differ from a fresh kernel's."""
+    now = sys.modules["numpy"].get_printoptions()
+    return {k: v for k, v in now.items() if k not in _NUMPY_PRINT or _differs(v, _NUMPY_PRINT[k])}
+
+
+def _set_numpy_print(options: dict) -> None:
+    numpy = _module("numpy")
+    known = numpy.get_printoptions()
+    wanted = {k: v for k, v in _NUMPY_PRINT.items() if k in known}  # what the sender has at default
+    wanted.update({k: v for k, v in options.items() if k in known})
+    try:
+        numpy.set_printoptions(**wanted)
+    except (TypeError, ValueError):  # another numpy: set what it takes, one by one
+        for key, value in wanted.items():
+            try:
+                numpy.set_printoptions(**{key: value})
+            except (TypeError, ValueError):
+                pass
+
+
 #: section -> (the module it lives in, read it, set it). A section is read only
 #: where its module is imported, and set the moment its module is.
 _MODULE_STATE = {
     "random": ("random", _get_random, _set_random),
     "numpy": ("numpy.random", _get_numpy, _set_numpy),
+    "numpy_print": ("numpy", _get_numpy_print, _set_numpy_print),
     "torch": ("torch", _get_torch, _set_torch),
     "matplotlib": ("matplotlib", _get_matplotlib, _set_matplotlib),
     "inline": ("matplotlib_inline.config", _get_inline, _set_inline),
     "pandas": ("pandas", _get_pandas, _set_pandas),
 }
+
+
+#: Sections that hold options which differ from their defaults: an empty one (all at
+#: their defaults) is still read, so a cell that resets them is seen.
+_OPTIONS = frozenset({"matplotlib", "pandas", "numpy_print"})
 
 
 def _module_state() -> dict:
@@ -1001,7 +1257,7 @@ def _module_state() -> dict:
                 value = get()
             except Exception:  # half imported, or an unknown version: not carried
                 continue
-            if value is not None and (value != {} or section in ("matplotlib", "pandas")):
+            if value is not None and (value != {} or section in _OPTIONS):
                 out[section] = value
     return out
 
@@ -1019,8 +1275,8 @@ def capture_state(shell, algo: str, first=()) -> dict:
 
     Only what differs from a fresh kernel: the environment and sys.path as changes
     since this kernel started (host variables such as HOME, PATH and JPY_* aside),
-    warnings filters if they changed, rcParams and pandas options that differ from
-    their defaults (for the modules imported here); the generators always, for
+    warnings filters if they changed, rcParams, pandas options and numpy print
+    options that differ from their defaults (for the modules imported here); the generators always, for
     the modules imported here. Also the modules the notebook uses (a standby
     imports them ahead of the next cell).
     """
@@ -1040,7 +1296,24 @@ def capture_state(shell, algo: str, first=()) -> dict:
             sections[name] = _state_entry(value, algo)
         except Exception as exc:  # a filter's warning class that will not pickle, say
             errors[name] = _reason(exc)
+    for name, entry in _DEFERRED.items():  # restored, waiting for its module's import
+        if name not in sections and _MODULE_STATE[name][0] not in sys.modules:
+            sections[name] = entry
     return {"sections": sections, "errors": errors, "modules": notebook_modules(shell, first)}
+
+
+#: section -> the entry restored while its module was not imported yet: the state that
+#: section has, as far as the next cell is concerned (numpy imports numpy.random only
+#: when the notebook first uses it, say, after a remote cell seeded it).
+_DEFERRED: dict = {}
+
+
+def _set_deferred(name: str, setter, value, entry) -> None:
+    if _DEFERRED.get(name) is entry:
+        del _DEFERRED[name]
+    elif name in _DEFERRED:  # a later restore replaced it: that one sets it
+        return
+    setter(value)
 
 
 def restore_state(shell, sections: dict) -> list:
@@ -1059,7 +1332,11 @@ def restore_state(shell, sections: dict) -> list:
             elif name in _MODULE_STATE:
                 module, _, put = _MODULE_STATE[name]
                 setter = (lambda v, put=put: put(v, shell)) if name == "inline" else put
-                _when_imported(module, functools.partial(setter, value))
+                if module not in sys.modules:  # what it is until its module is imported
+                    _DEFERRED[name] = entry
+                else:
+                    _DEFERRED.pop(name, None)
+                _when_imported(module, functools.partial(_set_deferred, name, setter, value, entry))
                 if name == "matplotlib":  # an older inline backend sets its rc when it loads
                     _when_imported("matplotlib_inline.backend_inline",
                                    functools.partial(setter, value), now=False)
@@ -1480,6 +1757,7 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
 
     loaded = {}
     failures = []
+    _WIDGET_UPDATES.clear()
     loader = _Loader(store, memos=bool(_EXPORTED))
     for name, entry in values.items():
         try:
@@ -1492,6 +1770,14 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
         failures.append({"name": "(in place)", "reason": _reason(exc)})
     finally:
         _EXPORTED.clear()
+    try:  # an array that was a view into an input is one into the local array again
+        _as_views(values, loaded, shell.user_ns)
+    except Exception as exc:
+        failures.append({"name": "(views)", "reason": _reason(exc)})
+    try:  # the live widgets the cell changed
+        _update_widgets()
+    except Exception as exc:
+        failures.append({"name": "(widgets)", "reason": _reason(exc)})
     for name, module in (modules or {}).items():
         try:
             loaded[name] = importlib.import_module(module)
@@ -1978,6 +2264,9 @@ class Cell:
         out["values"], out["errors"] = _describe_all(values, self.algo, self.store, self.origin,
                                                      done)
         _last_memos.clear()
+        for name, view in _views_of_inputs(values, {n: now[n] for n in self.inputs if n in now}).items():
+            if name in out["values"]:
+                out["values"][name]["view"] = view
         _bring_reached(self, out, now, values)
         if self.cap:
             trim_store(self.store, self.cap)
@@ -2013,6 +2302,54 @@ class Cell:
             if blob_id != self._input_id(name):
                 changed.update({n: now[n] for n in names})
         return changed
+
+
+def _views_of_inputs(values: dict, inputs: dict) -> dict:
+    """{name: [input name, byte offset, shape, strides]} of the arrays among ``values``
+    that are views into an input array (``row = a[1]``): locally, they become views
+    of the local array, so they see what later changes it, as in plain Python."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return {}
+    bases = {n: v for n, v in inputs.items()
+             if type(v) is numpy.ndarray and v.flags.c_contiguous and v.nbytes}
+    views = {}
+    for name, value in values.items():
+        if type(value) is not numpy.ndarray or name in bases or not value.nbytes:
+            continue
+        low, high = numpy.lib.array_utils.byte_bounds(value) if hasattr(numpy.lib, "array_utils") \
+            else numpy.byte_bounds(value)
+        for base_name, base in bases.items():
+            start = base.__array_interface__["data"][0]
+            if start <= low and high <= start + base.nbytes and value.dtype == base.dtype:
+                offset = value.__array_interface__["data"][0] - start
+                views[name] = [base_name, offset, list(value.shape), list(value.strides)]
+                break
+    return views
+
+
+def _as_views(values: dict, loaded: dict, ns: dict) -> None:
+    """Make the arrays that were views into an input on the host views into the local
+    array again (see :func:`_views_of_inputs`)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return
+    for name, entry in values.items():
+        view = entry.get("view") if isinstance(entry, dict) else None
+        arrived = loaded.get(name)
+        if view is None or type(arrived) is not numpy.ndarray:
+            continue
+        base_name, offset, shape, strides = view
+        base = loaded.get(base_name, ns.get(base_name))
+        if type(base) is not numpy.ndarray or not base.flags.c_contiguous or base.dtype != arrived.dtype:
+            continue
+        try:
+            local = numpy.ndarray(tuple(shape), arrived.dtype, buffer=base, offset=offset,
+                                  strides=tuple(strides))
+        except (TypeError, ValueError):  # not within the local array: the copy stays
+            continue
+        if local.shape == arrived.shape and numpy.array_equal(local, arrived, equal_nan=arrived.dtype.kind in "fc"):
+            loaded[name] = local
 
 
 def _bring_reached(cell: Cell, out: dict, now: dict, values: dict) -> None:
@@ -2062,10 +2399,12 @@ def install(shell, wrap: bool = True) -> None:
     router forwards cells unchanged, so tracebacks keep the cell's line
     numbers), and for the kernel they do nothing.
     """
+    global _REMOTE
     module = sys.modules.get(__name__)
     if module is not None:
         sys.modules[NAME] = module
     _note_baseline()
+    _REMOTE = wrap
 
     def link(line: str) -> None:
         """Handled by the Link router; a no-op inside a kernel."""
@@ -2285,7 +2624,9 @@ def _wrap_execute(shell, kernel, original):
         count = instructions.get("count")
         if isinstance(count, int) and count > 0:
             shell.execution_count = count
+        global _KEPT
         cell = Cell(shell, instructions)
+        _KEPT = not instructions.get("release")
         started = time.perf_counter()
         _finish_preimport()
         try:

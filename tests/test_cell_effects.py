@@ -114,6 +114,19 @@ def test_in_place_changes_reach_every_alias_and_view(link_remote, remote, case):
     assert link_remote.run(check).result == expected
 
 
+def test_a_view_a_remote_cell_took_of_an_input_stays_a_view(link_remote, remote):
+    """``row = a[1]`` on the host: locally too, row sees what later changes a."""
+    link_remote.run("import numpy as np\na = np.arange(12).reshape(3, 4)\nflat = np.arange(6.0)")
+    took = link_remote.run(f"# link: {remote}\nrow = a[1]\nrow[:] = row * 10\nevery = flat[::2]\ncol = a[:, 1]")
+    assert took.status == "ok", took.text
+    link_remote.run("a[1, 0] = -5\na[0, 1] = 99\nflat[2] = 7.5")
+    assert link_remote.run("row.tolist(), col.tolist(), every.tolist(), np.shares_memory(row, a)").result == (
+        "([-5, 50, 60, 70], [99, 50, 9], [0.0, 7.5, 4.0], True)")
+    copied = link_remote.run(f"# link: {remote}\nfresh = a[1].copy()")
+    assert copied.status == "ok"
+    assert link_remote.run("np.shares_memory(fresh, a)").result == "False"
+
+
 def test_a_rebinding_stays_a_rebinding(link_remote, remote):
     link_remote.run("import numpy as np\nfirst = [1]\nkeep = first\narr = np.zeros(2)\nview = arr[:]\n"
                     "class Box:\n    pass\nbox = Box()\nbox.part = [0]\npart = box.part")

@@ -256,10 +256,7 @@ def test_normalizer_drops_only_run_to_run_noise():
 #: comparison runs and prints every difference, and is expected to fail until fixed.
 #: A notebook leaves this set as soon as it passes (an XPASS says so).
 NOT_YET_IDENTICAL: set[str] = {
-    "01_numpy_views",  # np.set_printoptions is not carried with the module state
-    "03_csv_roundtrip",  # a closed file bound by `with open` is reported as not brought back
     "09_magics_and_env",  # notebooks on one host alias share its work directory (!ls sees others)
-    "10_widgets",  # a widget cannot be an input of a remote cell
 }
 
 

@@ -165,3 +165,30 @@ def test_the_standby_has_the_notebooks_modules_imported(remote, tmp_path, module
         assert check.result == "True", check.text
     finally:
         client.shutdown()
+
+
+def test_numpy_print_options_shape_a_remote_repr(link_remote, remote):
+    link_remote.run("import numpy as np\nnp.set_printoptions(precision=3, suppress=True)\n"
+                    "v = np.array([1e-9, 1/3, 2.0])")
+    local = link_remote.run("v")
+    assert local.result == "array([0.   , 0.333, 2.   ])", local.text
+    assert link_remote.run(f"# link: {remote}\nv").result == local.result
+    link_remote.run(f"# link: {remote}\nimport numpy as np\nnp.set_printoptions(precision=1)")
+    assert link_remote.run("v").result == "array([0. , 0.3, 2. ])"  # suppress stays as it was
+    link_remote.run(f"# link: {remote}\nimport numpy as np\nnp.set_printoptions(suppress=False, precision=8)")
+    assert link_remote.run("v").result == "array([1.00000000e-09, 3.33333333e-01, 2.00000000e+00])"
+
+
+def test_a_generator_seeded_remotely_stays_seeded_before_the_local_kernel_imports_it(remote, tmp_path):
+    """numpy imports numpy.random only when first used: the state a remote cell left
+    goes with the next remote cell, though the local kernel has not imported it yet."""
+    client = start_client("link", cwd=str(tmp_path))
+    try:
+        first = client.run(f"# link: {remote}\nimport numpy as np\nnp.random.seed(5)\nnp.random.rand()")
+        assert first.status == "ok", first.text
+        assert client.run("import sys\n'numpy.random' in sys.modules").result == "False"
+        second = client.run(f"# link: {remote}\nnp.random.rand()")
+        assert client.run("np.random.rand()").result == "0.20671915533942642"
+    finally:
+        client.shutdown()
+    assert (first.result, second.result) == ("0.22199317108973948", "0.8707323061773764"), second.text

@@ -94,6 +94,61 @@ def test_unserializable_inputs_are_refused_before_the_cell_runs(link_remote, rem
     assert link_remote.run("sentinel").result == "'before'"
 
 
+def test_a_closed_file_comes_back_closed_with_its_name_and_mode(link_remote, remote):
+    """``with open(...) as f`` leaves ``f`` bound to a closed file, as in plain Python."""
+    result = link_remote.run(
+        f"# link: {remote}\nwith open('closed_file.txt', 'a', encoding='latin-1') as log:\n"
+        "    log.write('x')\nwith open('closed_file.txt', 'rb') as raw:\n    raw.read()"
+    )
+    assert result.status == "ok", result.text
+    assert result.stderr == "", result.stderr
+    assert link_remote.run("print(log, log.closed, raw, raw.mode)").stdout == (
+        "<_io.TextIOWrapper name='closed_file.txt' mode='a' encoding='latin-1'> True "
+        "<_io.BufferedReader name='closed_file.txt'> rb\n"
+    )
+    sent = link_remote.run(f"# link: {remote}\nprint(repr(log), log.closed)")
+    assert sent.stdout == "<_io.TextIOWrapper name='closed_file.txt' mode='a' encoding='latin-1'> True\n", sent.text
+
+
+def test_a_widget_is_an_input_and_changes_in_place(link_remote, remote):
+    """A remote cell reads and moves the local slider; its observer runs once, there,
+    and the frontend hears the new value from the local kernel."""
+    link_remote.run(
+        "import ipywidgets as widgets\nslider = widgets.IntSlider(value=3, max=10)\nmoves = []\n"
+        "def moved(change):\n    moves.append((change['old'], change['new']))\n"
+        "slider.observe(moved, names='value')\nmodel = slider.model_id"
+    )
+    read = link_remote.run(f"# link: {remote}\nn = slider.value * 2\nn")
+    assert read.result == "6", read.text
+    assert read.stderr == "", read.stderr
+    link_remote.run(  # what the local kernel tells the frontend about the slider
+        "told = []\nsend = slider.comm.send\n"
+        "slider.comm.send = lambda data=None, **kw: (told.append(data), send(data, **kw))"
+    )
+    moving = link_remote.run(f"# link: {remote}\nslider.value = 7\nslider.value = 5\nmoves")
+    assert moving.result == "[(3, 7), (7, 5)]", moving.text
+    assert link_remote.run("[m['state'] for m in told if m.get('method') == 'update']").result == "[{'value': 5}]"
+    assert link_remote.run("slider.value, moves, slider.model_id == model").result == "(5, [(3, 7), (7, 5)], True)"
+    slider_moves = link_remote.run("slider.value = 6\nmoves[-1]")  # the observer still runs here
+    assert slider_moves.result == "(5, 6)"
+    shown = link_remote.run(f"# link: {remote}\nslider")  # a view of the live local widget
+    view = shown.of_type("execute_result")[0]["content"]["data"]
+    assert view["application/vnd.jupyter.widget-view+json"]["model_id"] == link_remote.run("model").result[1:-1]
+    assert view["text/plain"] == "IntSlider(value=6, max=10)"
+    assert "no longer connected" not in shown.stderr
+
+
+def test_a_widget_a_remote_cell_made_is_live_locally(link_remote, remote):
+    made = link_remote.run(
+        f"# link: {remote}\nimport ipywidgets as widgets\n"
+        "choice = widgets.Dropdown(options=['mean', 'max'], value='max', description='stat')"
+    )
+    assert made.status == "ok", made.text
+    assert "not brought back" not in made.stderr, made.stderr
+    assert link_remote.run("choice.value, choice.index, choice.comm is not None").result == "('max', 1, True)"
+    assert link_remote.run(f"# link: {remote}\nchoice.value").result == "'max'"
+
+
 def test_outputs_that_cannot_come_back_are_named_and_the_rest_arrive(link_remote, remote):
     result = link_remote.run(f"# link: {remote}\nimport threading\nmade_lock = threading.Lock()\nmade_value = 5")
     assert result.status == "ok"

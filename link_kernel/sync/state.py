@@ -3,7 +3,7 @@
 A long-lived kernel keeps what its modules hold: the global random generators
 (``random``, ``numpy.random``, ``torch``), ``os.environ``, ``sys.path``,
 warnings filters, matplotlib's rcParams and the inline backend's settings,
-pandas' options. A remote cell's kernel is fresh, so for each remote cell:
+pandas' options, numpy's print options. A remote cell's kernel is fresh, so for each remote cell:
 
 1. the local kernel's agent **captures** its state (:func:`agent.capture_state`,
    one light ``link_state_request``, sent while the inputs are exported): only

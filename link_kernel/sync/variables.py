@@ -228,7 +228,7 @@ class VariableSync:
 
 def _entry(value: dict[str, Any]) -> Any:
     """A manifest entry for the other side: the blob id, or the inline value."""
-    extra = {k: value[k] for k in ("group", "index", "origins") if k in value}
+    extra = {k: value[k] for k in ("group", "index", "origins", "view") if k in value}
     if "inline" in value:
         return {"id": value["id"], "inline": value["inline"], **extra}
     return {"id": value["id"], **extra} if extra else value["id"]
