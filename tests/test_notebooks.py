@@ -14,6 +14,7 @@ import base64
 import re
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ NOTEBOOKS = sorted(p.stem for p in CORPUS.glob("*.ipynb"))
 #: Share of cells that must be identical when every cell is routed.
 ALL_ROUTED_GOAL = 0.97
 CELL_TIMEOUT = 180
+#: Notebooks run at once by the tests that run the whole corpus: each kernel spends
+#: most of its time on one core booting (imports), and CI has two.
+PARALLEL = 2
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
 _UNIT = r"(?:ns|µs|μs|us|ms|s|min|h)"
@@ -203,6 +207,11 @@ class PlainRuns(dict):
         self[name] = execute(name, self.base / name, self.kernel)
         return self[name]
 
+    def run_all(self, names) -> None:
+        """Run the notebooks of ``names`` not run yet, ``PARALLEL`` at a time."""
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(self.__getitem__, [n for n in names if n not in self]))
+
 
 @pytest.fixture(scope="module")
 def plain(python3_kernel, tmp_path_factory) -> PlainRuns:
@@ -220,6 +229,7 @@ def proc_host(tmp_path_factory) -> str:
 def test_corpus_is_a_corpus(plain):
     """At least 12 notebooks, each with heavy cells and markdown between its code cells."""
     assert len(NOTEBOOKS) >= 12
+    plain.run_all(NOTEBOOKS)
     for name in NOTEBOOKS:
         nb = plain[name]
         assert any(heavy(c) for c in nb.cells), name
