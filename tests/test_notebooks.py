@@ -16,7 +16,7 @@ import re
 import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nbformat
@@ -25,6 +25,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 from remote_hosts import register
 
+from link_kernel import hosts
 from link_kernel.hosts import HostConfig
 
 CORPUS = Path(__file__).parent / "notebooks"
@@ -271,12 +272,65 @@ def test_normalizer_drops_only_run_to_run_noise():
 #: Notebooks that still differ with their heavy cells routed (issue 15 is open): the
 #: comparison runs and prints every difference, and is expected to fail until fixed.
 #: A notebook leaves this set as soon as it passes (an XPASS says so).
+#: (Each notebook runs on a host of its own: notebooks on one host alias share its
+#: work directory, so 09_magics_and_env's ``!ls data`` would list the others' files.)
 NOT_YET_IDENTICAL: set[str] = {
     "01_numpy_views",  # np.set_printoptions is not carried with the module state
     "03_csv_roundtrip",  # a closed file bound by `with open` is reported as not brought back
-    "09_magics_and_env",  # notebooks on one host alias share its work directory (!ls sees others)
     "10_widgets",  # a widget cannot be an input of a remote cell
 }
+
+
+def _selected(request, test: str, transport: str) -> list[str]:
+    """The notebooks of the session's ``test`` items run with the ``transport`` host."""
+    return [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == test and item.callspec.params.get("remote") == transport
+    ]
+
+
+class HeavyRuns(dict):
+    """Each corpus notebook with its heavy cells routed to a copy of the ``remote`` host
+    of its own (alias ``HOST-NN``, its own work directory and cache): name -> (alias,
+    executed notebook, or the exception its run raised). When the first is asked for,
+    every notebook the session selected for this host runs, ``PARALLEL`` at a time."""
+
+    def __init__(self, remote: str, selected: list[str], base: Path) -> None:
+        super().__init__()
+        self.remote, self.selected, self.base = remote, selected, base
+        self.host = hosts.load_registry()[remote]
+
+    def alias(self, name: str) -> str:
+        return f"{self.remote}-{name.partition('_')[0]}"
+
+    def _run(self, name: str):
+        alias = self.alias(name)
+        try:
+            return alias, execute(name, self.base / name, "link", edit=route_heavy(alias), allow_errors=True)
+        except Exception as exc:  # noqa: BLE001 (the notebook's own test raises it)
+            return alias, exc
+
+    def __missing__(self, name: str):
+        names = [n for n in dict.fromkeys([name, *self.selected]) if n not in self]
+        copies = []
+        for n in names:
+            workdir = self.base / f"work-{self.alias(n)}"
+            workdir.mkdir()
+            cache = str(self.base / f"work-{self.alias(n)}-cache") if self.host.cache else ""
+            copies.append(replace(self.host, alias=self.alias(n), workdir=str(workdir), cache=cache))
+        register(*copies)
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            self.update(zip(names, pool.map(self._run, names)))
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def heavy_runs(remote, plain, request, tmp_path_factory) -> HeavyRuns:
+    transport = hosts.load_registry()[remote].transport
+    selected = _selected(request, "test_heavy_cells_routed", transport)
+    plain.run_all(selected)
+    return HeavyRuns(remote, selected, tmp_path_factory.mktemp(f"heavy-{transport}"))
 
 
 @pytest.mark.parametrize(
@@ -288,15 +342,17 @@ NOT_YET_IDENTICAL: set[str] = {
         for n in NOTEBOOKS
     ],
 )
-def test_heavy_cells_routed(remote, name, plain, tmp_path):
+def test_heavy_cells_routed(heavy_runs, name, plain):
     """Link with the heavy cells on a host: every cell as in plain ipykernel."""
-    routed = execute(name, tmp_path / name, "link", edit=route_heavy(remote), allow_errors=True)
+    host, routed = heavy_runs[name]
+    if isinstance(routed, Exception):
+        raise routed
     total, differences = compare(name, plain[name], routed)
     for difference in differences:
         print(difference)
     assert not differences, f"{len(differences)} of {total} cells differ in {name} (printed above)"
-    missing = unrouted(routed, remote, [c for c in routed.cells if heavy(c)])
-    assert not missing, f"heavy cells that did not run on {remote}: {missing}"
+    missing = unrouted(routed, host, [c for c in routed.cells if heavy(c)])
+    assert not missing, f"heavy cells that did not run on {host}: {missing}"
 
 
 @pytest.mark.xfail(reason="issue 15: the 97% goal is not met yet", strict=False)
