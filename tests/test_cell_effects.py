@@ -198,16 +198,22 @@ TRAIN = (
 TRAINED = "[round(v, 6) for p in net.parameters() for v in p.detach().flatten().tolist()]"
 
 
-@needs_optimizers
-def test_a_model_and_its_optimizer_trained_remotely_match_plain_ipykernel(link_remote, remote):
+@pytest.fixture(scope="module")
+def plain_trained() -> str:
+    """The parameters trained in plain ipykernel: one kernel for both hosts' tests."""
     plain = start_client("python3")
     try:
         plain.run(TRAIN_SETUP)
         plain.run(TRAIN)
         plain.run(TRAIN)  # a second cell goes on from the first: the optimizer holds the model
-        expected = plain.run(TRAINED).result
+        return plain.run(TRAINED).result
     finally:
         plain.shutdown()
+
+
+@needs_optimizers
+def test_a_model_and_its_optimizer_trained_remotely_match_plain_ipykernel(link_remote, remote, plain_trained):
+    expected = plain_trained
     assert link_remote.run(TRAIN_SETUP).status == "ok"
     routed = link_remote.run(f"# link: {remote}\n{TRAIN}")
     assert routed.status == "ok", routed.text

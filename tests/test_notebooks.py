@@ -3,9 +3,10 @@
 Each notebook of ``tests/notebooks/`` runs through nbclient in plain ipykernel
 (``python3``), then through Link with its ``heavy``-tagged cells routed to a
 host (a ``# link: HOST`` first line), then through Link with every cell routed
-(a first cell ``%link default proc``, not compared). Each run gets a fresh
-copy of the notebook and its ``data/`` folder. One normalizer serves every
-comparison (see ``normalize``); the outputs must match cell by cell.
+(a first cell ``%link default proc-NN``, a host of the notebook's own, not
+compared). Each run gets a fresh copy of the notebook and its ``data/`` folder.
+One normalizer serves every comparison (see ``normalize``); the outputs must
+match cell by cell.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import base64
 import re
 import shutil
 import struct
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nbformat
@@ -23,6 +25,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 from remote_hosts import register
 
+from link_kernel import hosts
 from link_kernel.hosts import HostConfig
 
 CORPUS = Path(__file__).parent / "notebooks"
@@ -30,6 +33,12 @@ NOTEBOOKS = sorted(p.stem for p in CORPUS.glob("*.ipynb"))
 #: Share of cells that must be identical when every cell is routed.
 ALL_ROUTED_GOAL = 0.97
 CELL_TIMEOUT = 180
+#: Notebooks run at once by the tests that run the whole corpus: each kernel spends
+#: most of its time on one core booting (imports), and CI has two.
+PARALLEL = 2
+#: Notebooks run at once with every cell routed: each cell mostly waits for a fresh
+#: remote kernel, and three keep two cores busier than two do.
+ROUTED_PARALLEL = 3
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
 _UNIT = r"(?:ns|µs|μs|us|ms|s|min|h)"
@@ -203,6 +212,11 @@ class PlainRuns(dict):
         self[name] = execute(name, self.base / name, self.kernel)
         return self[name]
 
+    def run_all(self, names) -> None:
+        """Run the notebooks of ``names`` not run yet, ``PARALLEL`` at a time."""
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(self.__getitem__, [n for n in names if n not in self]))
+
 
 @pytest.fixture(scope="module")
 def plain(python3_kernel, tmp_path_factory) -> PlainRuns:
@@ -210,16 +224,22 @@ def plain(python3_kernel, tmp_path_factory) -> PlainRuns:
 
 
 @pytest.fixture(scope="module")
-def proc_host(tmp_path_factory) -> str:
-    """A ``process`` host with one work directory for the whole corpus, as one user's
-    notebooks share a host (the ``remote`` hosts do the same)."""
-    register(HostConfig(alias="proc", transport="process", workdir=str(tmp_path_factory.mktemp("work-all"))))
-    return "proc"
+def proc_hosts(tmp_path_factory) -> dict[str, str]:
+    """A ``process`` host of its own for each notebook (``proc-01``...), each with its
+    own work directory: the notebooks run ``PARALLEL`` at a time, and two notebooks
+    syncing one work directory at once would see each other's files."""
+    aliases = {name: f"proc-{name.partition('_')[0]}" for name in NOTEBOOKS}
+    register(
+        *(HostConfig(alias=alias, transport="process", workdir=str(tmp_path_factory.mktemp(f"work-{alias}")))
+          for alias in aliases.values())
+    )
+    return aliases
 
 
 def test_corpus_is_a_corpus(plain):
     """At least 12 notebooks, each with heavy cells and markdown between its code cells."""
     assert len(NOTEBOOKS) >= 12
+    plain.run_all(NOTEBOOKS)
     for name in NOTEBOOKS:
         nb = plain[name]
         assert any(heavy(c) for c in nb.cells), name
@@ -252,47 +272,98 @@ def test_normalizer_drops_only_run_to_run_noise():
     assert normalize(other) != normalize(outputs[4:5]), "a missing image must count"
 
 
-#: Notebooks that still differ with their heavy cells routed (issue 15 is open): the
-#: comparison runs and prints every difference, and is expected to fail until fixed.
-#: A notebook leaves this set as soon as it passes (an XPASS says so).
-NOT_YET_IDENTICAL: set[str] = {
-    "09_magics_and_env",  # notebooks on one host alias share its work directory (!ls sees others)
-}
+#: Each notebook runs on a host of its own: notebooks on one host alias share its work
+#: directory (a limit the README states), so 09_magics_and_env's ``!ls data`` would list
+#: the other notebooks' files.
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason="issue 15: differs from plain ipykernel", strict=False))
-        if n in NOT_YET_IDENTICAL
-        else n
-        for n in NOTEBOOKS
-    ],
-)
-def test_heavy_cells_routed(remote, name, plain, tmp_path):
+def _selected(request, test: str, transport: str) -> list[str]:
+    """The notebooks of the session's ``test`` items run with the ``transport`` host."""
+    return [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == test and item.callspec.params.get("remote") == transport
+    ]
+
+
+class HeavyRuns(dict):
+    """Each corpus notebook with its heavy cells routed to a copy of the ``remote`` host
+    of its own (alias ``HOST-NN``, its own work directory and cache): name -> (alias,
+    executed notebook, or the exception its run raised). When the first is asked for,
+    every notebook the session selected for this host runs, ``PARALLEL`` at a time."""
+
+    def __init__(self, remote: str, selected: list[str], base: Path) -> None:
+        super().__init__()
+        self.remote, self.selected, self.base = remote, selected, base
+        self.host = hosts.load_registry()[remote]
+
+    def alias(self, name: str) -> str:
+        return f"{self.remote}-{name.partition('_')[0]}"
+
+    def _run(self, name: str):
+        alias = self.alias(name)
+        try:
+            return alias, execute(name, self.base / name, "link", edit=route_heavy(alias), allow_errors=True)
+        except Exception as exc:  # noqa: BLE001 (the notebook's own test raises it)
+            return alias, exc
+
+    def __missing__(self, name: str):
+        names = [n for n in dict.fromkeys([name, *self.selected]) if n not in self]
+        copies = []
+        for n in names:
+            workdir = self.base / f"work-{self.alias(n)}"
+            workdir.mkdir()
+            cache = str(self.base / f"work-{self.alias(n)}-cache") if self.host.cache else ""
+            copies.append(replace(self.host, alias=self.alias(n), workdir=str(workdir), cache=cache))
+        register(*copies)
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            self.update(zip(names, pool.map(self._run, names)))
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def heavy_runs(remote, plain, request, tmp_path_factory) -> HeavyRuns:
+    transport = hosts.load_registry()[remote].transport
+    selected = _selected(request, "test_heavy_cells_routed", transport)
+    plain.run_all(selected)
+    return HeavyRuns(remote, selected, tmp_path_factory.mktemp(f"heavy-{transport}"))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_heavy_cells_routed(heavy_runs, name, plain):
     """Link with the heavy cells on a host: every cell as in plain ipykernel."""
-    routed = execute(name, tmp_path / name, "link", edit=route_heavy(remote), allow_errors=True)
+    host, routed = heavy_runs[name]
+    if isinstance(routed, Exception):
+        raise routed
     total, differences = compare(name, plain[name], routed)
     for difference in differences:
         print(difference)
     assert not differences, f"{len(differences)} of {total} cells differ in {name} (printed above)"
-    missing = unrouted(routed, remote, [c for c in routed.cells if heavy(c)])
-    assert not missing, f"heavy cells that did not run on {remote}: {missing}"
+    missing = unrouted(routed, host, [c for c in routed.cells if heavy(c)])
+    assert not missing, f"heavy cells that did not run on {host}: {missing}"
 
 
-@pytest.mark.xfail(reason="issue 15: the 97% goal is not met yet", strict=False)
-def test_every_cell_routed(proc_host, plain, tmp_path):
+def test_every_cell_routed(proc_hosts, plain, tmp_path):
     """Link with every cell on a host: at least 97% of the corpus' cells as in plain
-    ipykernel, and each cell that differs says in its own output why."""
+    ipykernel, and each cell that differs says in its own output why. The notebooks
+    run ``ROUTED_PARALLEL`` at a time (the longest first), each on a host of its own."""
+
+    def run(name):
+        return execute(name, tmp_path / name, "link", edit=route_all(proc_hosts[name]), allow_errors=True)
+
+    plain.run_all(NOTEBOOKS)
+    longest_first = sorted(NOTEBOOKS, key=lambda n: -sum(c.cell_type == "code" for c in plain[n].cells))
+    with ThreadPoolExecutor(ROUTED_PARALLEL) as pool:
+        runs = dict(zip(longest_first, pool.map(run, longest_first)))
     total, differences = 0, []
     for name in NOTEBOOKS:
-        routed = execute(name, tmp_path / name, "link", edit=route_all(proc_host), allow_errors=True)
+        routed, host = runs[name], proc_hosts[name]
         count, found = compare(name, plain[name], routed)
         total += count
         differences += found
         code = [c for c in routed.cells if c.cell_type == "code" and c.id != "link-default"]
-        missing = unrouted(routed, proc_host, code)
-        assert not missing, f"{name}: cells that did not run on {proc_host}: {missing}"
+        missing = unrouted(routed, host, code)
+        assert not missing, f"{name}: cells that did not run on {host}: {missing}"
     for difference in differences:
         print(difference)
     identical = (total - len(differences)) / total

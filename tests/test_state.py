@@ -32,12 +32,18 @@ def draws(client, remote: str | None) -> list[str]:
     return out
 
 
-def test_seeded_draws_match_plain_ipykernel(link_remote, remote):
+@pytest.fixture(scope="module")
+def plain_draws() -> list[str]:
+    """The draws in plain ipykernel: one kernel for both hosts' tests."""
     plain = start_client("python3")
     try:
-        expected = draws(plain, None)
+        return draws(plain, None)
     finally:
         plain.shutdown()
+
+
+def test_seeded_draws_match_plain_ipykernel(link_remote, remote, plain_draws):
+    expected = plain_draws
     assert len(set(expected)) == 4  # each cell draws new numbers
     assert draws(link_remote, remote) == expected
 
