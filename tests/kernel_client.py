@@ -235,6 +235,14 @@ class LinkClient:
         self.log = None
 
 
+def take_log(path: Path) -> list[str]:
+    """The names a pipeline test's components wrote to their side-effect log, one per
+    line, in the order they ran; the log is emptied for the next read."""
+    names = path.read_text().split() if path.exists() else []
+    path.write_text("")
+    return names
+
+
 def start_client(kernel_name: str, *, cwd: str | None = None, env: dict | None = None) -> LinkClient:
     km = KernelManager(kernel_name=kernel_name)
     kwargs: dict[str, Any] = {}

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from kernel_client import start_client
+from kernel_client import start_client, take_log
 
 
 def plain(text: str) -> str:
@@ -28,12 +28,7 @@ def nb(tmp_path):
     log = tmp_path / "ran.log"
     assert client.run(f"LOG = {str(log)!r}").status == "ok"
 
-    def ran() -> list[str]:
-        names = log.read_text().split() if log.exists() else []
-        log.write_text("")
-        return names
-
-    client.ran = ran
+    client.ran = lambda: take_log(log)
     yield client
     client.shutdown()
 

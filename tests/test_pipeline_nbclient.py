@@ -17,6 +17,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from kernel_client import take_log
 
 
 def component(route: str, name: str, body: str) -> str:
@@ -72,10 +73,7 @@ class Notebook:
             self.nb.cells.pop()
 
     def ran(self) -> list[str]:
-        log = self.folder / "ran.log"
-        names = log.read_text().split() if log.exists() else []
-        log.write_text("")
-        return names
+        return take_log(self.folder / "ran.log")
 
 
 def shown(cell) -> tuple[str, list[str]]:
@@ -166,20 +164,27 @@ def _lines_match(cell, text: str, names: list[str], how: str) -> bool:
     )
 
 
-def test_a_failing_parent_stops_the_leaf_with_the_parent_named(tmp_path):
-    cells = list(CELLS)
-    cells[INDEX["clean"]] = component("name=clean after=load", "clean", "rows = [r / 0 for r in rows]")
+def failing_leaf(tmp_path, cells) -> tuple[list[str], str, list]:
+    """Run ``left_report`` in a fresh kernel where it must fail: (what ran, the error
+    nbclient raised without colours, the error outputs of the leaf's cell)."""
     notebook = Notebook(tmp_path, cells)
     client = notebook.client()
     with notebook.kernel(client):
         client.execute_cell(notebook.nb.cells[0], 0)
         with pytest.raises(CellExecutionError) as caught:
             notebook.run(client, "left_report")
-        assert notebook.ran() == ["load", "clean"], "the failing parent stopped the rest"
-        error = re.sub(r"\x1b\[[0-9;]*m", "", str(caught.value))
-        assert "The parent component 'clean' failed on local; 'left_report' did not run." in error
-        assert "ZeroDivisionError" in error
-        assert re.search(r"-*> 3 rows = \[r / 0", error), error
+        errors = [o for o in notebook.nb.cells[INDEX["left_report"]].outputs if o.output_type == "error"]
+        return notebook.ran(), re.sub(r"\x1b\[[0-9;]*m", "", str(caught.value)), errors
+
+
+def test_a_failing_parent_stops_the_leaf_with_the_parent_named(tmp_path):
+    cells = list(CELLS)
+    cells[INDEX["clean"]] = component("name=clean after=load", "clean", "rows = [r / 0 for r in rows]")
+    ran, error, _ = failing_leaf(tmp_path, cells)
+    assert ran == ["load", "clean"], "the failing parent stopped the rest"
+    assert "The parent component 'clean' failed on local; 'left_report' did not run." in error
+    assert "ZeroDivisionError" in error
+    assert re.search(r"-*> 3 rows = \[r / 0", error), error
 
 
 @pytest.mark.parametrize(
@@ -194,14 +199,7 @@ def test_pipeline_errors_are_one_error_and_nothing_runs(tmp_path, change, ename,
     name, old, new = change
     cells = list(CELLS)
     cells[INDEX[name]] = cells[INDEX[name]].replace(old, new)
-    notebook = Notebook(tmp_path, cells)
-    client = notebook.client()
-    with notebook.kernel(client):
-        client.execute_cell(notebook.nb.cells[0], 0)
-        with pytest.raises(CellExecutionError) as caught:
-            notebook.run(client, "left_report")
-        assert notebook.ran() == [], "nothing ran"
-        error = re.sub(r"\x1b\[[0-9;]*m", "", str(caught.value))
-        assert ename in error and says in error, error
-        errors = [o for o in notebook.nb.cells[INDEX["left_report"]].outputs if o.output_type == "error"]
-        assert len(errors) == 1
+    ran, error, errors = failing_leaf(tmp_path, cells)
+    assert ran == [], "nothing ran"
+    assert ename in error and says in error, error
+    assert len(errors) == 1

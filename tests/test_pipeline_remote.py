@@ -12,6 +12,7 @@ import os
 import re
 
 import pytest
+from kernel_client import take_log
 
 
 @pytest.fixture
@@ -19,12 +20,7 @@ def ran(link_remote, tmp_path):
     log = tmp_path / "ran.log"
     assert link_remote.run(f"LOG = {str(log)!r}").status == "ok"
 
-    def read() -> list[str]:
-        names = log.read_text().split() if log.exists() else []
-        log.write_text("")
-        return names
-
-    return read
+    return lambda: take_log(log)
 
 
 def lines(result) -> list[str]:
