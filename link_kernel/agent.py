@@ -298,14 +298,17 @@ def _closed_file_like(kind: str, name, mode: str, encoding, errors):
         f = io.FileIO(os.devnull, opening.replace("b", "").replace("t", "") or "r")
     elif kind == "TextIOWrapper":
         f = open(os.devnull, opening, encoding=encoding, errors=errors)
-        f.mode = mode
     else:
         f = open(os.devnull, opening if "b" in opening else opening + "b")
-    raw = f
-    while not isinstance(raw, io.FileIO):
-        raw = raw.buffer if isinstance(raw, io.TextIOWrapper) else raw.raw
-    raw.name = name
-    f.close()
+    try:
+        if kind == "TextIOWrapper":
+            f.mode = mode
+        raw = f
+        while not isinstance(raw, io.FileIO):
+            raw = raw.buffer if isinstance(raw, io.TextIOWrapper) else raw.raw
+        raw.name = name
+    finally:
+        f.close()  # closed on every path: the copy only looks like the file
     return f
 
 
