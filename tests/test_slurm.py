@@ -294,8 +294,7 @@ def test_keep_holds_the_job_until_release(notebooks, slurm_host, cluster):
 def slurm_sshd(cluster):
     from support.sshd import SSHServer
 
-    extra = "".join(f"SetEnv {k}={v}\n" for k, v in cluster.env().items())
-    with SSHServer(alias="linktest-slurm", extra_config=extra) as server:
+    with SSHServer(alias="linktest-slurm", session_env=cluster.env()) as server:
         yield server
 
 

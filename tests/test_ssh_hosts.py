@@ -149,3 +149,69 @@ def test_hosts_add_refuses_an_unknown_key_without_a_terminal(sshd, tmp_path):
     assert sshd.host_fingerprint in result.stdout + result.stderr
     assert "--accept-new-host-key" in result.stderr
     assert known.read_text() == ""
+
+
+# -- the host's login shell ---------------------------------------------------------------
+#
+# sshd runs every command through the user's login shell, and Debian's bash reads
+# ~/.bashrc for it: conda and pyenv set themselves up there, print banners, and
+# take locks. Each server below has a home of its own with such a ~/.bashrc.
+
+
+@pytest.fixture
+def shell_host(tmp_path):
+    """An sshd whose sessions' ~/.bashrc prints a banner and waits until ``gate`` exists."""
+    from support.sshd import SSHServer
+
+    gate = tmp_path / "gate"
+    with SSHServer(alias="linktest-bashrc") as server:
+        (server.home / ".bashrc").write_text(
+            'echo "Welcome to the GPU host. Quota: 10 GiB"\n'
+            f'while [ ! -e {gate} ]; do sleep 0.05; done\n'
+            'export LINK_TEST_FROM_BASHRC=yes\n'
+        )
+        yield server, gate
+
+
+def test_a_shell_that_prints_and_takes_its_time_still_runs_the_cell(shell_host, tmp_path):
+    server, gate = shell_host
+    register(ssh_host("chatty", server, tmp_path))
+    client = start_client("link", cwd=str(tmp_path))
+    try:
+        import threading
+
+        opener = threading.Timer(1.5, gate.touch)  # a slow `conda init`
+        opener.start()
+        result = client.run("# link: chatty\nimport os\nx = 6 * 7\nos.environ.get('LINK_TEST_FROM_BASHRC')")
+        opener.join()
+        assert result.status == "ok", result.error
+        assert result.result == "'yes'", "the kernel must see what the shell's startup set"
+        streams = "".join(m["content"].get("text", "") for m in result.outputs if m["msg_type"] == "stream")
+        assert "Welcome" not in streams, "the shell's banner is not the cell's output"
+        assert client.run("x").result == "42"
+    finally:
+        client.shutdown()
+
+
+def test_a_shell_that_never_finishes_starting_is_named_in_the_error(shell_host, tmp_path):
+    server, gate = shell_host
+    register(ssh_host("stuck", server, tmp_path), ssh_host("fine", server, tmp_path))
+    ipython = tmp_path / "ipython"
+    (ipython / "profile_default").mkdir(parents=True)
+    (ipython / "profile_default" / "link_kernel_config.py").write_text(
+        "c.LinkKernel.remote_start_timeout = 3.0\n"
+    )
+    client = start_client("link", cwd=str(tmp_path), env={"IPYTHONDIR": str(ipython)})
+    try:
+        client.run("x = 1")
+        result = client.run("# link: stuck\nx += 1")
+        assert result.status == "error"
+        assert result.error["ename"] == "KernelStartError"
+        text = result.error["evalue"] + "".join(result.error["traceback"])
+        assert "did not start in 3 s" in text
+        assert "~/.bashrc" in text and "ssh HOST true" in text
+        assert client.run("x").result == "1", "a kernel that never started changes nothing"
+        gate.touch()
+        assert client.run("# link: fine\nx += 1\nx").result == "2"
+    finally:
+        client.shutdown()

@@ -128,9 +128,13 @@ class Supervisor(abc.ABC):
         if not self.exited.done():
             self.exited.set_result({"status": status, "lost": True})
 
-    def failure(self, message: str) -> KernelStartError:
+    def failure(self, message: str, hint: str | None = None) -> KernelStartError:
         tail = self.output_tail()
-        return KernelStartError(f"{message}:\n{tail}" if tail else message)
+        return KernelStartError(f"{message}:\n{tail}" if tail else message, hint=hint)
+
+    #: What to tell the user when the host's python never said HELLO: None
+    #: for the generic hint; the SSH supervisor names the login shell.
+    silent_start_hint: str | None = None
 
     def output_tail(self, lines: int = 20) -> str:
         return "\n".join(self._tail[-lines:])
@@ -168,7 +172,8 @@ class Supervisor(abc.ABC):
         try:
             hello = await asyncio.wait_for(asyncio.shield(self.hello), None if queue else timeout)
         except asyncio.TimeoutError:
-            raise self.failure(f"the kernel on {self.host} did not start in {timeout:g} s") from None
+            msg = f"the kernel on {self.host} did not start in {timeout:g} s: its python never reported"
+            raise self.failure(msg, self.silent_start_hint) from None
         if hello.get("missing"):
             missing = ", ".join(hello["missing"])
             msg = f"the python on {self.host} ({hello.get('executable')}) lacks {missing}"

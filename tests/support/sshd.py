@@ -70,16 +70,31 @@ class SSHServer(Service):
     host = "127.0.0.1"
 
     def __init__(
-        self, *, alias: str = "linktest", password_only: bool = False, extra_config: str = ""
+        self,
+        *,
+        alias: str = "linktest",
+        password_only: bool = False,
+        extra_config: str = "",
+        session_env: dict[str, str] | None = None,
     ) -> None:
         self.alias = alias
         self.password_only = password_only
-        #: Lines appended to sshd_config (``SetEnv NAME=VALUE`` for sessions, say).
+        #: Lines appended to sshd_config.
         self.extra_config = extra_config
         self.user = getpass.getuser()
         self.port: int = 0
         self.log: deque[str] = deque(maxlen=5000)
         self._dir = Path(tempfile.mkdtemp(prefix="link-sshd-"))
+        #: The sessions' HOME: a directory of this server's own, so the login
+        #: shell reads this server's startup files, not those of the machine's
+        #: user. (A ``pyenv init`` in root's ~/.bashrc, killed mid-rehash by a
+        #: test, leaves a lock that makes every later login wait 60 s.) SFTP
+        #: still starts in the user's home from the password database.
+        self.home = self._dir / "home"
+        self.home.mkdir()
+        #: Environment of every session (sshd's ``SetEnv``, which overrides
+        #: sshd's defaults and takes only its first line: hence one line).
+        self.session_env = {"HOME": str(self.home), **(session_env or {})}
         self.host_key = str(self._dir / "ssh_host_ed25519_key")
         self.client_key = str(self._dir / "id_ed25519")
         self.known_hosts = str(self._dir / "known_hosts")
@@ -205,6 +220,7 @@ class SSHServer(Service):
         )
 
     def _write_configs(self) -> None:
+        setenv = " ".join(f'"{k}={v}"' for k, v in self.session_env.items())
         auth = (
             "PubkeyAuthentication no\n"
             "PasswordAuthentication yes\n"
@@ -231,6 +247,7 @@ class SSHServer(Service):
             "MaxStartups 100\n"
             "LogLevel VERBOSE\n"
             "Subsystem sftp internal-sftp\n"
+            f"SetEnv {setenv}\n"
             f"{self.extra_config}"
         )
         Path(self.known_hosts).write_text(self.known_hosts_line())

@@ -17,6 +17,12 @@ from .command import RemoteCommand
 class SSHSupervisor(Supervisor):
     """A bootstrap supervisor running in a pty session on the host."""
 
+    silent_start_hint = (
+        "The host's login shell runs its startup files (~/.bashrc, ~/.profile) before the "
+        "kernel: one of them may be waiting on something, such as a lock (pyenv, conda) or "
+        "a prompt. 'ssh HOST true' shows whether it does."
+    )
+
     def __init__(self, host: str, loop) -> None:
         super().__init__(host, loop)
         self.command: RemoteCommand | None = None
