@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="connect, start a kernel, run 1+1, stop; time each step")
     check.add_argument("alias")
     check.set_defaults(func=_hosts_check)
+
+    from .sharing import add_commands as add_sharing_commands
+
+    add_sharing_commands(commands)  # pipeline export|import, cache export|import
     return parser
 
 

@@ -14,6 +14,9 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     │   ├── PipelineCycleError        components that are each other's ancestors
     │   ├── DuplicateComponentError   two different cells declare one name
     │   └── ComponentFailedError      a parent component raised: the child did not run
+    ├── ShareError                    a pipeline file or cache archive cannot be imported
+    │   ├── PipelineFileError         a pipeline JSON file is broken, of another version, or wrong
+    │   └── ArchiveError              a cache archive is damaged, tampered with, or unsafe
     ├── HostConfigError               the host registry or an ssh config entry is wrong
     ├── KernelSpecSourceError         the package's kernelspec folder is missing or unreadable
     ├── TransportError                reaching a host failed
@@ -135,6 +138,23 @@ class ComponentFailedError(PipelineError):
     def __init__(self, content: dict) -> None:
         self.content = content
         super().__init__(str(content.get("evalue", "")))
+
+
+class ShareError(LinkError):
+    hint = "Nothing was written; ask the sender for a new export."
+
+
+class PipelineFileError(ShareError):
+    """A pipeline JSON file that ``link-kernel pipeline import`` refuses."""
+
+
+class ArchiveError(ShareError):
+    """A cache archive refused whole: ``member`` names the first bad member ("" for the
+    archive itself)."""
+
+    def __init__(self, message: str, member: str = "", *, hint: str | None = None) -> None:
+        self.member = member
+        super().__init__(message, hint=hint)
 
 
 class HostConfigError(LinkError):

@@ -37,8 +37,13 @@ def read_notebook(path: str | Path) -> Saved:
     Raises OSError if it cannot be read and ValueError if it is not a notebook.
     """
     data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return notebook_components(data, str(path))
+
+
+def notebook_components(data: object, where: str = "the notebook") -> Saved:
+    """The components of a notebook's parsed JSON ``data``; ValueError if it is none."""
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
-        msg = f"{path} is not a Jupyter notebook (no list of cells)"
+        msg = f"{where} is not a Jupyter notebook (no list of cells)"
         raise ValueError(msg)
     saved = Saved()
     for index, cell in enumerate(data["cells"]):
