@@ -1560,6 +1560,15 @@ def _state_handler(shell, kernel):
     return link_state_request
 
 
+def blob_matches(blob_id: str, view) -> bool:
+    """Whether the bytes ``view`` hash to the digest ``blob_id`` (``ALGO-DIGEST``) names;
+    ValueError for an algorithm this python lacks."""
+    algo, _, digest = blob_id.partition("-")
+    hasher = _hasher(algo)
+    hasher.update(view)
+    return hasher.hexdigest() == digest
+
+
 def _load(blob_id: str, view: memoryview, check: bool = True):
     algo, _, digest = blob_id.partition("-")
     if check:

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,31 @@ class Cache:
             self._touch(entry)
             self._evict(records)
         return entry
+
+    def adopt(self, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """Add entries made elsewhere (a cache archive), whose blobs are in the store now.
+
+        An existing entry of a key is kept as it is, never overwritten, and so is one
+        whose blob is missing from the store (it would be no entry). An adopted entry
+        counts as used now, with no hits yet. Returns (the adopted, the left out).
+        """
+        adopted: list[Entry] = []
+        left: list[Entry] = []
+        with self._records() as records:
+            now = self.clock()
+            for entry in entries:
+                if entry.key in records or not self._whole(entry):
+                    left.append(entry)
+                    continue
+                entry = replace(entry, used=now, hits=0)
+                records[entry.key] = entry.record()
+                self._touch(entry)
+                adopted.append(entry)
+        return adopted, left
+
+    def blob_file(self, blob_id: str) -> Path | None:
+        """The file of a blob in the store (checked or not), or None if it is gone."""
+        return self._blob_path(blob_id)
 
     def clear(self, component: str | None = None) -> list[Entry]:
         """Drop every entry (or ``component``'s); return the dropped ones."""
