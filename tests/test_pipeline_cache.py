@@ -323,3 +323,26 @@ def test_any_sequence_keeps_the_limit_and_every_kept_entry_whole(tmp_path_factor
             assert entry.key in cache, "no kept entry lost a blob"
             for name, blob_id in entry.outputs.items():
                 assert agent.read_blob(str(store), blob_id) == values[ids.index(blob_id)]
+
+
+def test_adopt_adds_entries_made_elsewhere_and_never_overwrites_one(tmp_path):
+    from link_kernel.agent import write_blob
+    from link_kernel.pipeline.cache import Entry
+
+    store = tmp_path / "blobs"
+    cache = Cache(store, clock=lambda: 500.0)
+    mine, _ = write_blob(str(store), [1, 2], "sha256")
+    theirs, _ = write_blob(str(store), [3, 4], "sha256")
+    assert cache.put("k1", "load", {"rows": mine}) is not None
+    before = cache.get("k1")
+    incoming = [
+        Entry(key="k1", component="load", outputs={"rows": theirs}, created=1.0, used=2.0, hits=7),
+        Entry(key="k2", component="clean", outputs={"rows": theirs}, created=1.0, used=2.0, hits=7),
+        Entry(key="k3", component="gone", outputs={"rows": "sha256-" + "0" * 64}),
+    ]
+    adopted, left = cache.adopt(incoming)
+    assert [e.key for e in adopted] == ["k2"] and [e.key for e in left] == ["k1", "k3"]
+    assert cache.get("k1") == before, "an existing entry is kept as it is"
+    got = cache.get("k2")
+    assert (got.outputs, got.created, got.used, got.hits) == ({"rows": theirs}, 1.0, 500.0, 0)
+    assert "k3" not in cache

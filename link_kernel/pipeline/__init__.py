@@ -9,6 +9,8 @@ One concern per module, as marimo's ``_runtime/dataflow/`` does it:
   kernel supplies, and knows each component's state;
 - :mod:`.cells`: the runner's hashing and restoring through the local kernel's agent;
 - :mod:`.notebook`: the components a saved notebook declares (after a restart);
+- :mod:`.exchange`: the pipeline as a JSON file (``link-kernel pipeline export|import``);
+- :mod:`.archive`: cache entries as a verified ``.tar.gz`` (``link-kernel cache export|import``);
 - :mod:`.picture`: ``%link pipeline``'s Mermaid picture and text list, pure;
 - :mod:`.units`: sizes, ages and durations as people read them.
 

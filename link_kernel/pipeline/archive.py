@@ -228,6 +228,9 @@ def _read_archive(
     path: Path, stage: Path, on_manifest: Callable[[dict[str, Any]], None] | None
 ) -> dict[str, Any]:
     """The manifest, after every blob was verified and staged as ``stage/<id>``."""
+    if not path.is_file():
+        msg = f"no archive at {path}"
+        raise ArchiveError(msg, hint="Give the path of a file 'link-kernel cache export' wrote.")
     member_name = ""
     try:
         with tarfile.open(path, mode="r|gz") as tar:
