@@ -386,3 +386,19 @@ def _seed(home: Home) -> None:
     blob_id, _ = write_blob(str(store), {"mine": list(range(5))}, "sha256")
     index = {"format": 1, "entries": {"f" * 64: {"component": "mine", "outputs": {"x": blob_id}}}}
     (store.parent / "pipeline-cache.json").write_text(json.dumps(index))
+
+
+def test_an_import_never_overwrites_a_file_of_the_store(exported, tmp_path):
+    _, archive = exported
+    other = Home(tmp_path / "ben")
+    store = other.cache / "link-kernel" / "blobs"
+    store.mkdir(parents=True)
+    first = sorted(_manifest(archive)["blobs"])[0]
+    (store / first).write_bytes(b"my own bytes")
+    done = other.cli("cache", "import", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert (store / first).read_bytes() == b"my own bytes"
+    kept = done.stdout.split("kept what you had already")[1]
+    assert "1 blob(s)" in kept and "1 blob(s) of your store differ from the archive's" in kept, done.stdout
+    users = [e["record"]["component"] for e in _manifest(archive)["entries"] if first in e["record"]["outputs"].values()]
+    assert f"Imported {3 - len(users)} cache entr" in done.stdout, "the entries of the differing blob are left out"

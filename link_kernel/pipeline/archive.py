@@ -78,6 +78,8 @@ class Report:
     size: int = 0
     kept_entries: int = 0
     kept_blobs: int = 0
+    #: Blobs of the store whose bytes differ from the archive's (kept; their entries left out).
+    differing: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         names = sorted({e.component for e in self.entries})
@@ -90,6 +92,12 @@ class Report:
             text += (
                 f"; kept what you had already: {self.kept_entries} entr"
                 f"{'y' if self.kept_entries == 1 else 'ies'}, {self.kept_blobs} blob(s)"
+            )
+        if self.differing:
+            text += (
+                f"\n{len(self.differing)} blob(s) of your store differ from the archive's "
+                f"(damaged?), e.g. {self.differing[0]}; they were kept and the entries that "
+                "use them left out: delete those files and import again to take them"
             )
         return text
 
@@ -147,15 +155,9 @@ def _describe(cache: Cache, blob_id: str) -> tuple[Path, dict[str, Any]] | None:
     path = cache.blob_file(blob_id)
     if path is None or not _BLOB_ID.fullmatch(blob_id):
         return None
-    with open(path, "rb") as f:
-        digest = hashlib.sha256()
-        size = 0
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
     if not _matches(path, blob_id):
         return None
-    return path, {"sha256": digest.hexdigest(), "size": size}
+    return path, {"sha256": _sha256(path), "size": path.stat().st_size}
 
 
 def _write_archive(output: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
@@ -440,14 +442,26 @@ def _adopt(manifest: dict[str, Any], stage: Path, cache: Cache, path: str) -> Re
     for blob_id, record in manifest["blobs"].items():
         if has_blob(str(store), blob_id) or not _place(stage / blob_id, store / blob_id):
             report.kept_blobs += 1
+            mine = cache.blob_file(blob_id)
+            if mine is None or _sha256(mine) != record["sha256"]:
+                report.differing.append(blob_id)
         else:
             report.blobs += 1
             report.size += record["size"]
     entries = [Entry.from_record(item["key"], item["record"]) for item in manifest["entries"]]
-    adopted, kept = cache.adopt(entries)
+    usable = [e for e in entries if not set(e.outputs.values()) & set(report.differing)]
+    adopted, kept = cache.adopt(usable)
     report.entries = adopted
-    report.kept_entries = len(kept)
+    report.kept_entries = len(kept) + len(entries) - len(usable)
     return report
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _place(staged: Path, dest: Path) -> bool:
