@@ -54,7 +54,7 @@ from typing import Any
 from ..agent import blob_matches, has_blob
 from ..errors import ArchiveError, ShareError
 from .cache import Cache, Entry
-from .notebook import read_notebook
+from .exchange import read_saved
 from .units import format_size
 
 FORMAT = "link-cache"
@@ -114,7 +114,7 @@ def export_cache(
     is nothing to export. A blob of the store that no longer matches its id is left
     out, with the entries that need it.
     """
-    graph = read_notebook(notebook).graph()
+    graph = read_saved(notebook).graph()
     selected = graph.order(names or None)
     blobs: dict[str, dict[str, Any]] = {}
     files: dict[str, Path] = {}
@@ -161,7 +161,11 @@ def _describe(cache: Cache, blob_id: str) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _write_archive(output: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as exc:
+        msg = f"cannot write {output}: {exc.strerror}"
+        raise ShareError(msg, hint="Give a path in a folder you can write to.") from exc
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()

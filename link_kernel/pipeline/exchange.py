@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import routing
-from ..errors import LinkError, PipelineError, PipelineFileError
+from ..errors import LinkError, PipelineError, PipelineFileError, ShareError
 from ..kernelspec import DISPLAY_NAME, KERNEL_NAME
 from .component import Component
 from .graph import Graph
-from .notebook import notebook_components, read_notebook
+from .notebook import Saved, notebook_components, read_notebook
 
 FORMAT = "link-pipeline"
 VERSION = 1
@@ -56,7 +56,7 @@ def export_pipeline(notebook: str | Path) -> dict[str, Any]:
     Raises PipelineError when the notebook's pipeline is broken (an unknown parent, a
     cycle, two cells with one name), RoutingError-like problems as PipelineFileError.
     """
-    saved = read_notebook(notebook)
+    saved = read_saved(notebook)
     if saved.problems:
         label, message = next(iter(saved.problems.items()))
         msg = f"{notebook}: {label} has a malformed routing comment: {message}"
@@ -77,6 +77,15 @@ def export_pipeline(notebook: str | Path) -> dict[str, Any]:
             }
         )
     return {"format": FORMAT, "version": VERSION, "components": components}
+
+
+def read_saved(notebook: str | Path) -> Saved:
+    """The notebook's components; ShareError if it cannot be read or is no notebook."""
+    try:
+        return read_notebook(notebook)
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read the notebook {notebook}: {exc}"
+        raise ShareError(msg, hint="Give the path of a saved .ipynb file.") from exc
 
 
 def route_parts(source: str) -> tuple[str, dict[str, str | bool]]:
@@ -249,8 +258,8 @@ def import_pipeline(path: str | Path, notebook: str | Path) -> tuple[list[str], 
         data = new_notebook()
     replaced, added = _merge(data, components, notebook)
     _check_merged(data, notebook)
-    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-    write_atomic(notebook, text)
+    if replaced or added or not notebook.exists():
+        write_atomic(notebook, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return replaced, added
 
 
@@ -340,7 +349,11 @@ def write_atomic(path: Path, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        msg = f"cannot write {path}: {exc.strerror}"
+        raise ShareError(msg, hint="Give a path in a folder you can write to.") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
