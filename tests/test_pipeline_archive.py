@@ -139,3 +139,17 @@ def test_what_is_no_archive_is_refused(tmp_path, content):
     with pytest.raises(ArchiveError):
         import_cache(path, Cache(tmp_path / "ben" / "blobs"))
     assert not (tmp_path / "ben").exists()
+
+
+def test_export_leaves_out_an_entry_whose_blob_no_longer_matches_its_id(made, tmp_path):
+    _, manifest = made
+    cache = Cache(tmp_path / "ana" / "blobs")
+    clean = next(e for e in manifest["entries"] if e["record"]["component"] == "clean")
+    blob = cache.store / clean["record"]["outputs"]["rows"]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    report = export_cache(tmp_path / "nb.ipynb", [], tmp_path / "again.tar.gz", cache)
+    assert sorted(e.component for e in report.entries) == ["load", "other"]
+    with tarfile.open(tmp_path / "again.tar.gz", "r:gz") as tar:
+        assert f"blobs/{blob.name}" not in tar.getnames()

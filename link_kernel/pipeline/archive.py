@@ -118,18 +118,17 @@ def export_cache(
     selected = graph.order(names or None)
     blobs: dict[str, dict[str, Any]] = {}
     files: dict[str, Path] = {}
+    bad: set[str] = set()
     entries: list[Entry] = []
     chosen = [e for e in cache.entries() if e.component in selected]
     for entry in sorted(chosen, key=lambda e: (selected.index(e.component), e.created, e.key)):
-        ok = True
-        for blob_id in sorted(set(entry.outputs.values())):
-            if blob_id not in blobs:
-                found = _describe(cache, blob_id)
-                if found is None:
-                    ok = False
-                    break
+        for blob_id in sorted(set(entry.outputs.values()) - set(blobs) - bad):
+            found = _describe(cache, blob_id)
+            if found is None:
+                bad.add(blob_id)
+            else:
                 files[blob_id], blobs[blob_id] = found
-        if ok:
+        if not set(entry.outputs.values()) & bad:
             entries.append(entry)
     used = {b for e in entries for b in e.outputs.values()}
     blobs = {b: blobs[b] for b in sorted(used)}
