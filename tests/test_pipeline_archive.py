@@ -153,3 +153,32 @@ def test_export_leaves_out_an_entry_whose_blob_no_longer_matches_its_id(made, tm
     assert sorted(e.component for e in report.entries) == ["load", "other"]
     with tarfile.open(tmp_path / "again.tar.gz", "r:gz") as tar:
         assert f"blobs/{blob.name}" not in tar.getnames()
+
+
+@pytest.mark.parametrize("links", ["never", "only_within_the_store"])
+def test_blobs_are_placed_without_overwriting_where_hard_links_fail(tmp_path, monkeypatch, links):
+    """Staging on another file system (EXDEV), or one with no hard links at all."""
+    import errno
+    import os
+
+    from link_kernel.pipeline import archive
+
+    real_link = os.link
+
+    def link(src, dst):
+        if links == "never" or Path(src).parent != Path(dst).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_link(src, dst)
+
+    monkeypatch.setattr(archive.os, "link", link)
+    staged = tmp_path / "stage" / "blob"
+    staged.parent.mkdir()
+    staged.write_bytes(b"theirs")
+    store = tmp_path / "store"
+    store.mkdir()
+    assert archive._place(staged, store / "new") is True
+    assert (store / "new").read_bytes() == b"theirs"
+    (store / "mine").write_bytes(b"mine")
+    assert archive._place(staged, store / "mine") is False
+    assert (store / "mine").read_bytes() == b"mine"
+    assert sorted(p.name for p in store.iterdir()) == ["mine", "new"], "no temporary file left"
