@@ -9,6 +9,7 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     ├── RoutingError                  the cell's routing comment or %link line is wrong
     │   ├── UnknownTargetError        a target that is neither local nor a known host
     │   └── ResourceOptionError       gpus=/cpus=/mem=/time=/partition= for a target without Slurm
+    ├── ConflictMarkerError           the cell still holds a merge's conflict markers
     ├── PipelineError                 the notebook's pipeline cannot run as declared
     │   ├── UnknownComponentError     a parent (or %link run NAME) that no cell declares
     │   ├── PipelineCycleError        components that are each other's ancestors
@@ -84,6 +85,20 @@ class ResourceOptionError(RoutingError):
             msg,
             hint=f"Remove {option.split('=')[0]}= from the routing comment, or register a Slurm "
             "host with 'link-kernel hosts add ALIAS [user@]LOGIN --slurm'.",
+        )
+
+
+class ConflictMarkerError(LinkError):
+    """The cell holds ``<<<<<<<``, ``=======`` and ``>>>>>>>`` lines (from line ``line``):
+    a merge left it unresolved, and running either side's half would run neither."""
+
+    def __init__(self, line: int) -> None:
+        self.line = line
+        msg = f"the cell holds merge conflict markers (from line {line}): it was not run"
+        super().__init__(
+            msg,
+            hint="Keep the lines you want, delete the '<<<<<<<', '|||||||', '=======' and "
+            "'>>>>>>>' lines, then run the cell again.",
         )
 
 

@@ -147,6 +147,28 @@ class Cell:
         return ending + rest
 
 
+_MARKERS = ("<<<<<<< ", "=======", ">>>>>>> ")
+
+
+def conflict_line(cell: str) -> int | None:
+    """The line number (from 1) of the first ``<<<<<<< `` line if ``cell`` holds all three
+    merge conflict markers at line starts (``<<<<<<< ``, ``=======``, ``>>>>>>> ``), else None.
+
+    All three must be there, so a lone ``=======`` (a reST underline) is ordinary text.
+    """
+    if "=======" not in cell:
+        return None
+    first = None
+    seen = [False, False, False]
+    for number, line in enumerate(cell.splitlines(), 1):
+        for index, marker in enumerate(_MARKERS):
+            if line.startswith(marker):
+                seen[index] = True
+                if index == 0 and first is None:
+                    first = number
+    return first if all(seen) else None
+
+
 def parse(cell: str) -> Cell:
     """Split ``cell`` into commands, route and code; raise RoutingError if malformed.
 
