@@ -10,6 +10,7 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     │   ├── UnknownTargetError        a target that is neither local nor a known host
     │   └── ResourceOptionError       gpus=/cpus=/mem=/time=/partition= for a target without Slurm
     ├── ConflictMarkerError           the cell still holds a merge's conflict markers
+    ├── GitSetupError                 link-kernel git: no repository, no git, a git call failed
     ├── PipelineError                 the notebook's pipeline cannot run as declared
     │   ├── UnknownComponentError     a parent (or %link run NAME) that no cell declares
     │   ├── PipelineCycleError        components that are each other's ancestors
@@ -100,6 +101,10 @@ class ConflictMarkerError(LinkError):
             hint="Keep the lines you want, delete the '<<<<<<<', '|||||||', '=======' and "
             "'>>>>>>>' lines, then run the cell again.",
         )
+
+
+class GitSetupError(LinkError):
+    hint = "Run it inside a git repository (or pass --global), with git on PATH."
 
 
 class PipelineError(LinkError):
