@@ -5,7 +5,8 @@ Pure but for the text merge of a cell's body, which :mod:`.textmerge` hands to g
 :func:`merge_notebooks` and writes what it returns.
 
 1. **Matching.** Each side's cells are matched to the base's by component name (``name=``,
-   when one cell has it on each side), then by cell id, then by identical source. A base
+   when one cell has it on each side), then by cell id, then by identical source, then (for
+   cells with a routing line, as in a notebook without ids) by identical body. A base
    cell a side does not match was deleted there; a side's cell no base cell matches was
    inserted there. Identical inserts on both sides are one cell.
 2. **Order.** The base order stays, with each side's changes applied: a cell a side moved
@@ -124,7 +125,18 @@ def _match(base: list[NbCell], side: list[NbCell]) -> dict[int, int]:
             continue
         free = by_source.get(_content(cell))
         if free:
-            pairs[i] = free.pop(0)
+            pairs[i] = used_j = free.pop(0)
+            used.add(used_j)
+    # a cell without an id whose routing line alone changed (a rename, a new target)
+    by_body: dict[str, list[int]] = {}
+    for j, cell in enumerate(side):
+        if j not in used and route_of(cell).keys and _body(cell).strip():
+            by_body.setdefault(_body(cell), []).append(j)
+    for i, cell in enumerate(base):
+        if i not in pairs and route_of(cell).keys and _body(cell).strip():
+            free = by_body.get(_body(cell))
+            if free:
+                pairs[i] = free.pop(0)
     return pairs
 
 
@@ -164,6 +176,10 @@ def _slots(
 
 def _name(cell: NbCell) -> str | None:
     return route_of(cell).name
+
+
+def _body(cell: NbCell) -> str:
+    return split_route(source_of(cell))[1]
 
 
 def _content(cell: NbCell) -> tuple[str, str]:
