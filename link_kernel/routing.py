@@ -194,6 +194,17 @@ def parse(cell: str) -> Cell:
     return Cell(route=route, code=code, commands=tuple(commands))
 
 
+def route_tokens(line: str) -> list[str] | None:
+    """The words of the routing comment ``line`` (``gpu|local``, ``name=load``, ...), or
+    None when it is not one. Nothing is checked (:func:`parse` does): the notebook merge
+    merges a line by these words even when the grammar would refuse it."""
+    match = _COMMENT.fullmatch(line)
+    if match is None:
+        return None
+    text = _strip_trailing_comment(match.group("rest")).strip()
+    return re.sub(r"\s*\|\s*", "|", text).split()
+
+
 def _body(line: str) -> str:
     """``line`` without its line ending."""
     parts = line.splitlines()

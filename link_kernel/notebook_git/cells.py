@@ -13,11 +13,10 @@ the kernel reports it when the cell runs.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..routing import _COMMENT, _strip_trailing_comment
+from ..routing import route_tokens
 
 Notebook = dict[str, Any]
 NbCell = dict[str, Any]
@@ -86,7 +85,7 @@ def split_route(source: str) -> tuple[str | None, str]:
     """``(routing line without its ending or None, the rest)`` of a cell's source."""
     first, newline, rest = source.partition("\n")
     line = first.rstrip("\r")
-    if _COMMENT.fullmatch(line):
+    if route_tokens(line) is not None:
         return line, rest
     return None, source
 
@@ -106,13 +105,9 @@ class RouteLine:
 
     @classmethod
     def of(cls, line: str | None) -> RouteLine:
-        if line is None:
+        tokens = route_tokens(line) if line is not None else None
+        if tokens is None:
             return cls()
-        match = _COMMENT.fullmatch(line)
-        if match is None:
-            return cls()
-        text = _strip_trailing_comment(match.group("rest")).strip()
-        tokens = re.sub(r"\s*\|\s*", "|", text).split()
         keys: dict[str, Any] = {}
         if tokens and "=" not in tokens[0] and tokens[0] != "keep":
             keys["target"] = tokens.pop(0)
