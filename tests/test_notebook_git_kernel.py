@@ -10,6 +10,7 @@ from __future__ import annotations
 from kernel_client import start_client
 
 from link_kernel import routing
+from link_kernel.notebook_git.merge import merge_notebooks
 
 CONFLICTED = """# link: name=train after=load
 <<<<<<< ours
@@ -39,6 +40,30 @@ def test_a_cell_with_conflict_markers_is_refused_with_a_typed_error_and_a_hint(t
         after = client.run("print('x' in dir())")
         assert after.status == "ok"
         assert after.stdout == "False\n"
+    finally:
+        client.shutdown()
+
+
+def merged_cell() -> str:
+    """The cell a real merge leaves when both sides changed one line of it."""
+
+    def notebook(body: str) -> dict:
+        cell = {"cell_type": "code", "id": "t", "metadata": {}, "outputs": [], "execution_count": None,
+                "source": f"# link: name=train\n{body}"}
+        return {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [cell]}
+
+    result = merge_notebooks(notebook("x = 0\n"), notebook("x = 1\n"), notebook("x = 2\n"))
+    assert result.conflicts
+    return result.notebook["cells"][0]["source"]
+
+
+def test_the_cell_a_conflicted_merge_leaves_is_refused(tmp_path):
+    client = start_client("link", cwd=str(tmp_path))
+    try:
+        result = client.run(merged_cell())
+        assert result.status == "error"
+        assert result.error["ename"] == "ConflictMarkerError"
+        assert result.statuses[-1] == "idle"
     finally:
         client.shutdown()
 
