@@ -281,6 +281,9 @@ def _git_status(args: argparse.Namespace) -> int:
         print(f"  {key} = {value}")
     for path in state.attributes:
         print(f"  {path}: {install.LINE}")
+    for attribute, value in state.effective.items():
+        ours = value == install.DRIVER
+        print(f"  a notebook here gets {attribute}={value}" + ("" if ours else f" (not {install.DRIVER})"))
     for note in state.others:
         print(f"note: {note}")
     return 0

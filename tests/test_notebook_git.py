@@ -390,6 +390,7 @@ def test_install_status_and_uninstall(repo):
     done = repo.link("status")
     assert done.stdout.startswith("installed\n"), done.stdout
     assert f"merge.link-ipynb.driver = {sys.executable} -m link_kernel.cli git merge-driver" in done.stdout
+    assert "  a notebook here gets merge=link-ipynb\n  a notebook here gets diff=link-ipynb\n" in done.stdout
     attributes = repo.path / ".git" / "info" / "attributes"
     assert "*.ipynb merge=link-ipynb diff=link-ipynb" in attributes.read_text()
     assert repo.link("install").returncode == 0
@@ -400,7 +401,9 @@ def test_install_status_and_uninstall(repo):
     assert done.returncode == 0, done.stderr
     assert "merge=link-ipynb" not in attributes.read_text()
     assert repo.git("config", "--get", "merge.link-ipynb.driver", check=False).returncode == 1
-    assert repo.link("status").stdout.startswith("not installed\n")
+    status = repo.link("status").stdout
+    assert status.startswith("not installed\n")
+    assert "a notebook here gets merge=unspecified (not link-ipynb)" in status
 
 
 def test_install_to_gitattributes_and_global_and_nbdime_is_named(repo):

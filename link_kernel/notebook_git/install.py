@@ -38,6 +38,8 @@ class Status:
     settings: dict[str, str] = field(default_factory=dict)
     attributes: list[Path] = field(default_factory=list)
     others: list[str] = field(default_factory=list)
+    #: ``{"merge": driver, "diff": driver}`` that git applies to a notebook here (in a repository).
+    effective: dict[str, str] = field(default_factory=dict)
 
     @property
     def installed(self) -> bool:
@@ -129,6 +131,11 @@ def status(cwd: Path) -> Status:
         if path.exists() and LINE in (line.strip() for line in path.read_text(encoding="utf-8").splitlines()):
             result.attributes.append(path)
     result.others = others(cwd)
+    done = _git(["check-attr", "merge", "diff", "--", "notebook.ipynb"], cwd, check=False)
+    if done.returncode == 0:
+        for line in done.stdout.splitlines():
+            _, attribute, value = (part.strip() for part in line.split(":", 2))
+            result.effective[attribute] = value
     return result
 
 
