@@ -143,3 +143,46 @@ def test_a_thousand_cells_edited_on_both_sides_merge_in_well_under_two_seconds()
     assert len(result.notebook["cells"]) == 1001
     assert sources(result.notebook)[500] == "print('new')\n"
     assert seconds < 2, seconds
+
+
+# -- properties ------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def one_sided(draw):
+    """A base notebook and a side made of random edits, deletes, inserts and moves."""
+    count = draw(st.integers(0, 8))
+    base = nb(*[(f"b{i}", f"# link: name=c{i}\nv{i} = {i}\n") for i in range(count)])
+    side = copy.deepcopy(base)
+    for step in range(draw(st.integers(0, 6))):
+        cells = side["cells"]
+        op = draw(st.sampled_from(["edit", "delete", "insert", "move"]))
+        if op == "insert" or not cells:
+            at = draw(st.integers(0, len(cells)))
+            cells.insert(at, nb((f"n{step}", f"print({step})\n"))["cells"][0])
+        elif op == "edit":
+            at = draw(st.integers(0, len(cells) - 1))
+            cells[at]["source"] = "".join(cells[at]["source"]) + f"w = {step}\n"
+        elif op == "delete":
+            cells.pop(draw(st.integers(0, len(cells) - 1)))
+        else:
+            cell = cells.pop(draw(st.integers(0, len(cells) - 1)))
+            cells.insert(draw(st.integers(0, len(cells))), cell)
+    return base, side
+
+
+@settings(max_examples=150, deadline=None)
+@given(one_sided())
+def test_a_change_on_one_side_only_comes_out_exactly_as_that_side_made_it(case):
+    base, side = case
+    for ours, theirs in ((side, base), (base, side)):
+        result = merge_notebooks(base, ours, theirs)
+        assert sources(result.notebook) == sources(side)
+        assert [c["id"] for c in result.notebook["cells"]] == [c["id"] for c in side["cells"]]
+        assert result.clean, result.conflicts
+        validate(result.notebook)
+    same = merge_notebooks(base, side, side)
+    assert sources(same.notebook) == sources(side)
