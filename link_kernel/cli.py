@@ -7,6 +7,9 @@
         either form, for a Slurm login node: --slurm [--partition P] [--gpus N]
                           [--cpus N] [--mem M] [--time T]
     link-kernel hosts list | remove ALIAS | kernels ALIAS | check ALIAS
+    link-kernel git install [--global] [--attributes-file] | uninstall [--global] | status
+    link-kernel git log NOTEBOOK
+    link-kernel git merge-driver BASE OURS THEIRS PATH | textconv FILE   (what git runs)
 """
 
 from __future__ import annotations
@@ -238,6 +241,100 @@ def _hosts_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- git: notebooks merge and diff cell by cell (link_kernel.notebook_git) ---------------
+
+
+def _git_install(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .notebook_git import install
+
+    path, notes = install.install(Path.cwd(), global_=args.global_, shared=args.attributes_file)
+    where = "global git config" if args.global_ else "this repository's git config"
+    print(f"Registered the {install.DRIVER} merge driver and diff in {where}")
+    print(f"Notebooks use them through {path}: {install.LINE}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _git_uninstall(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .notebook_git import install
+
+    changed = install.uninstall(Path.cwd(), global_=args.global_)
+    print(f"Removed the {install.DRIVER} merge driver and diff settings")
+    for path in changed:
+        print(f"Removed the *.ipynb line from {path}")
+    return 0
+
+
+def _git_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .notebook_git import install
+
+    state = install.status(Path.cwd())
+    print("installed" if state.installed else "not installed")
+    for key, value in state.settings.items():
+        print(f"  {key} = {value}")
+    for path in state.attributes:
+        print(f"  {path}: {install.LINE}")
+    for attribute, value in state.effective.items():
+        ours = value == install.DRIVER
+        print(f"  a notebook here gets {attribute}={value}" + ("" if ours else f" (not {install.DRIVER})"))
+    for note in state.others:
+        print(f"note: {note}")
+    return 0
+
+
+def _git_log(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .notebook_git import history
+
+    print(history.format_log(history.log(Path(args.notebook), Path.cwd())), end="")
+    return 0
+
+
+def _git_merge_driver(args: argparse.Namespace) -> int:
+    from .notebook_git import driver
+
+    return driver.merge_driver(args.base, args.ours, args.theirs, args.path)
+
+
+def _git_textconv(args: argparse.Namespace) -> int:
+    from .notebook_git import driver
+
+    return driver.textconv(args.file)
+
+
+def _add_git_commands(commands: argparse._SubParsersAction) -> None:
+    git = commands.add_parser("git", help="merge and diff notebooks cell by cell in git")
+    sub = git.add_subparsers(dest="git_command", required=True)
+    install = sub.add_parser("install", help="register the notebook merge driver and diff")
+    install.add_argument("--global", dest="global_", action="store_true",
+                         help="in the global git config and attributes file")
+    install.add_argument("--attributes-file", action="store_true",
+                         help="write .gitattributes (shared) instead of .git/info/attributes")
+    install.set_defaults(func=_git_install)
+    uninstall = sub.add_parser("uninstall", help="remove what 'git install' wrote")
+    uninstall.add_argument("--global", dest="global_", action="store_true")
+    uninstall.set_defaults(func=_git_uninstall)
+    sub.add_parser("status", help="what is installed").set_defaults(func=_git_status)
+    log = sub.add_parser("log", help="per commit: components added, removed, renamed, ...")
+    log.add_argument("notebook")
+    log.set_defaults(func=_git_log)
+    driver = sub.add_parser("merge-driver", help="git runs this: merge %%O %%A %%B %%P")
+    for name in ("base", "ours", "theirs", "path"):
+        driver.add_argument(name)
+    driver.set_defaults(func=_git_merge_driver)
+    textconv = sub.add_parser("textconv", help="git runs this: a notebook as cells")
+    textconv.add_argument("file")
+    textconv.set_defaults(func=_git_textconv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="link-kernel", description="Link (hybrid): run notebook cells locally or over SSH."
@@ -295,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .sharing import add_commands as add_sharing_commands
 
     add_sharing_commands(commands)  # pipeline export|import, cache export|import
+    _add_git_commands(commands)
     return parser
 
 

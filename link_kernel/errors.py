@@ -9,6 +9,8 @@ are mapped onto this tree at the boundary with ``raise X(...) from exc``::
     ├── RoutingError                  the cell's routing comment or %link line is wrong
     │   ├── UnknownTargetError        a target that is neither local nor a known host
     │   └── ResourceOptionError       gpus=/cpus=/mem=/time=/partition= for a target without Slurm
+    ├── ConflictMarkerError           the cell still holds a merge's conflict markers
+    ├── GitSetupError                 link-kernel git: no repository, no git, a git call failed
     ├── PipelineError                 the notebook's pipeline cannot run as declared
     │   ├── UnknownComponentError     a parent (or %link run NAME) that no cell declares
     │   ├── PipelineCycleError        components that are each other's ancestors
@@ -88,6 +90,24 @@ class ResourceOptionError(RoutingError):
             hint=f"Remove {option.split('=')[0]}= from the routing comment, or register a Slurm "
             "host with 'link-kernel hosts add ALIAS [user@]LOGIN --slurm'.",
         )
+
+
+class ConflictMarkerError(LinkError):
+    """The cell holds ``<<<<<<<``, ``=======`` and ``>>>>>>>`` lines (from line ``line``):
+    a merge left it unresolved, and running either side's half would run neither."""
+
+    def __init__(self, line: int) -> None:
+        self.line = line
+        msg = f"the cell holds merge conflict markers (from line {line}): it was not run"
+        super().__init__(
+            msg,
+            hint="Keep the lines you want, delete the '<<<<<<<', '|||||||', '=======' and "
+            "'>>>>>>>' lines, then run the cell again.",
+        )
+
+
+class GitSetupError(LinkError):
+    hint = "Run it inside a git repository (or pass --global), with git on PATH."
 
 
 class PipelineError(LinkError):

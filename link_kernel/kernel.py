@@ -51,6 +51,7 @@ from .commands import RouterCommands
 from .components import RouterPipeline
 from .connection import delim_index, header_of
 from .errors import (
+    ConflictMarkerError,
     ConnectionLostError,
     HostUnreachableError,
     LinkError,
@@ -429,6 +430,9 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
         self._in_cell, self._interrupt_waiting = True, False
         started = self._cell_started = time.perf_counter()
         try:
+            marked = routing.conflict_line(code)
+            if marked is not None:
+                raise ConflictMarkerError(marked)
             reply = await self.execute_cell(parent, frames, i, ident, code, silent, store)
         except LinkError as err:
             reply = await self._failed(parent, code, err, silent, store)

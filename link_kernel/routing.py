@@ -147,6 +147,28 @@ class Cell:
         return ending + rest
 
 
+_MARKERS = ("<<<<<<< ", "=======", ">>>>>>> ")
+
+
+def conflict_line(cell: str) -> int | None:
+    """The line number (from 1) of the first ``<<<<<<< `` line if ``cell`` holds all three
+    merge conflict markers at line starts (``<<<<<<< ``, ``=======``, ``>>>>>>> ``), else None.
+
+    All three must be there, so a lone ``=======`` (a reST underline) is ordinary text.
+    """
+    if "=======" not in cell:
+        return None
+    first = None
+    seen = [False, False, False]
+    for number, line in enumerate(cell.splitlines(), 1):
+        for index, marker in enumerate(_MARKERS):
+            if line.startswith(marker):
+                seen[index] = True
+                if index == 0 and first is None:
+                    first = number
+    return first if all(seen) else None
+
+
 def parse(cell: str) -> Cell:
     """Split ``cell`` into commands, route and code; raise RoutingError if malformed.
 
@@ -170,6 +192,17 @@ def parse(cell: str) -> Cell:
     match = _COMMENT.fullmatch(first)
     route = _parse_route(match.group("rest")) if match else Route()
     return Cell(route=route, code=code, commands=tuple(commands))
+
+
+def route_tokens(line: str) -> list[str] | None:
+    """The words of the routing comment ``line`` (``gpu|local``, ``name=load``, ...), or
+    None when it is not one. Nothing is checked (:func:`parse` does): the notebook merge
+    merges a line by these words even when the grammar would refuse it."""
+    match = _COMMENT.fullmatch(line)
+    if match is None:
+        return None
+    text = _strip_trailing_comment(match.group("rest")).strip()
+    return re.sub(r"\s*\|\s*", "|", text).split()
 
 
 def _body(line: str) -> str:
