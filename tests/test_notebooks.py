@@ -15,6 +15,7 @@ import base64
 import re
 import shutil
 import struct
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from remote_hosts import register
 
@@ -109,14 +111,27 @@ def execute(name: str, where: Path, kernel: str, *, edit=None, allow_errors: boo
     nb = nbformat.read(path, as_version=4)
     if edit is not None:
         edit(nb)
-    client = NotebookClient(
-        nb,
-        kernel_name=kernel,
-        timeout=CELL_TIMEOUT,
-        allow_errors=allow_errors,
-        resources={"metadata": {"path": str(where)}},
-    )
-    client.execute()
+    # Several notebooks start at once in this one process. Over tcp, jupyter_client
+    # picks each kernel's ports by binding and releasing them, and a port released
+    # here can be taken by another kernel's connection before its owner binds it;
+    # ipc sockets of the run's own cannot collide.
+    with tempfile.TemporaryDirectory(prefix="nb-") as sockets:
+        km = AsyncKernelManager(kernel_name=kernel, transport="ipc", ip=f"{sockets}/k")
+        client = NotebookClient(
+            nb,
+            km=km,
+            kernel_name=kernel,
+            timeout=CELL_TIMEOUT,
+            allow_errors=allow_errors,
+            resources={"metadata": {"path": str(where)}},
+        )
+        log = where / "kernel.log"  # the router's own log: shown if the run fails
+        with log.open("wb") as stderr:
+            try:
+                client.execute(stderr=stderr)
+            except Exception as exc:
+                exc.add_note(f"{kernel} kernel's log:\n{log.read_text(errors='replace')[-4000:]}")
+                raise
     return nb
 
 
