@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +50,7 @@ from .backends.local import LocalBackend
 from .backends.remote import RemoteBackend
 from .commands import RouterCommands
 from .components import RouterPipeline
-from .connection import delim_index, header_of
+from .connection import _bytes, delim_index, header_of
 from .errors import (
     ConflictMarkerError,
     ConnectionLostError,
@@ -453,6 +454,8 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
             "status": reply.status,
             "seconds": round(time.perf_counter() - started, 4),
         }
+        if reply.status == "error" and content.get("stop_on_error", True) and not silent:
+            self._abort_queued()
         if reply.frames is not None:
             stream.send_multipart([*ident, *reply.frames], copy=False)
         else:
@@ -461,8 +464,33 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
             )
         for backend in self.remotes.values():
             backend.after_reply()
-        if reply.status == "error" and content.get("stop_on_error", True) and not silent:
+
+    def _abort_queued(self) -> None:
+        """Abort the requests queued behind a failed cell, and none sent after its reply.
+
+        ipykernel starts aborting after the error reply is sent and ends it with
+        a marker that its shell-channel thread queues later still; a client that
+        answers the error reply at once (nbclient, a test, a fast frontend) can
+        get its next request in ahead of the marker and see it aborted. Here the
+        marker is in the queue before the reply leaves, so only requests that
+        were already waiting are aborted.
+        """
+        thread = self.shell_channel_thread
+        if not thread:
             self._abort_queues()
+            return
+        self._aborting = True
+        queued = threading.Event()
+
+        def post_marker() -> None:
+            try:
+                self._post_dummy_stop_aborting_message(None)
+            finally:
+                queued.set()
+
+        thread.io_loop.add_callback(post_marker)
+        if not queued.wait(5.0):
+            self.log.warning("the shell channel did not queue the end of the abort in 5 s")
 
     async def _execute(self, parent, frames, i, ident, code, silent, store) -> Reply:
         cell = routing.parse(code)
@@ -716,7 +744,3 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
             except Exception:
                 self.log.exception("recording the failed cell in the history failed")
         return Reply({"status": "error", "execution_count": count, **body})
-
-
-def _bytes(frame: Any) -> bytes:
-    return frame if isinstance(frame, bytes) else frame.bytes

@@ -170,6 +170,29 @@ def test_error_aborts_the_queued_cells_like_ipykernel(link):
     assert link.run("'queued' in globals()").result == "False"
 
 
+@pytest.mark.parametrize("failing", ["# link: nowhere\n1", "1 / 0"], ids=["router", "local"])
+def test_a_cell_sent_the_moment_an_error_reply_arrives_runs(link, failing):
+    """Only cells queued behind a failed one are aborted, never one sent after its reply.
+
+    nbclient and fast frontends send the next cell as soon as the reply comes;
+    that cell must run even when the reply arrives a few microseconds before
+    the kernel has finished starting the abort.
+    """
+    link.run("answered = 0")
+    statuses = []
+    for _ in range(25):
+        link.kc.execute(failing)
+        while link.kc.get_shell_msg(timeout=10)["content"]["status"] != "error":
+            pass
+        after = link.kc.execute("answered += 1")
+        reply = link.kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == after
+        statuses.append(reply["content"]["status"])
+    link.drain_iopub()
+    assert statuses == ["ok"] * 25
+    assert link.run("answered").result == "25"
+
+
 def test_link_default_and_status(link):
     status = link.run("%link status")
     text = status.outputs[0]["content"]["data"]["text/plain"]

@@ -21,7 +21,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
-from ..connection import Frames, KernelConnection, Pending
+from ..connection import Frames, KernelConnection, Pending, _bytes
 from ..errors import KernelDiedError, KernelStartError
 from ..relay import Relay
 from . import Backend, ExecuteRequest, Reply
@@ -238,11 +238,12 @@ class LocalBackend(Backend):
     async def execute(self, request: ExecuteRequest) -> Reply:
         conn = self._conn()
         if request.kernel_code is None:
-            pending = conn.forward(request.frames, request.delim, request.msg_id)
+            frames = self._without_stop_on_error(request)
+            pending = conn.forward(frames, request.delim, request.msg_id)
         else:
             pending = conn.send(
                 "execute_request",
-                request.kernel_content,
+                {**request.kernel_content, "stop_on_error": False},
                 header=request.msg["header"],
                 parent=request.msg.get("parent_header") or None,
                 metadata=request.msg.get("metadata") or {},
@@ -257,6 +258,22 @@ class LocalBackend(Backend):
         finally:
             self._running = None
         return Reply(content=json.loads(_content(frames)), frames=frames)
+
+    def _without_stop_on_error(self, request: ExecuteRequest) -> Frames:
+        """The request's frames with ``stop_on_error`` off, signed again.
+
+        The router aborts the cells queued behind a failed one itself; the
+        local kernel never has a queue (the router sends it one cell at a
+        time), so its own abort could only ever hit the next cell, sent after
+        the error reply, and turn it into an "aborted" reply.
+        """
+        if request.content.get("stop_on_error", True) is False:
+            return request.frames
+        i = request.delim
+        parts = [_bytes(f) for f in request.frames[i + 2 : i + 5]]
+        parts.append(self.router_session.pack({**request.content, "stop_on_error": False}))
+        signature = self.router_session.sign(parts)
+        return [*request.frames[:i], request.frames[i], signature, *parts, *request.frames[i + 6 :]]
 
     async def forward(self, frames: Frames, delim: int, msg_id: str, channel: str) -> Frames:
         """Forward any other request unchanged and return the reply frames."""
