@@ -12,6 +12,9 @@ Each is merged by the notebook merge driver's own function (read, merge, check t
 pipeline, write, as git's driver call does) and by ``git merge-file`` on the same JSON
 files (the line merge git would do without the driver; it knows nothing of cells and may
 report conflicts). The two take turns ``-n`` times; the medians and the ratio are printed.
+
+A third line times the driver's whole command, as git runs it (a new interpreter that
+imports the package), on a two-cell notebook: the fixed cost each merged notebook pays.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import io
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +97,24 @@ def main() -> None:
                   f"{git * 1000:.0f} ms, ratio {mine / git:.1f}x "
                   f"(range {min(ours_times) * 1000:.0f}-{max(ours_times) * 1000:.0f} ms; "
                   f"driver exit {sorted(statuses)}, 0 = merged cleanly)")
+        small = [("a", "x = 1\n"), ("b", "y = 2\n")]
+        sides = (small, [("a", "x = 10\n"), small[1]], [small[0], ("b", "y = 20\n")])
+        command, git, statuses = [], [], set()
+        for _ in range(args.n):
+            for name, cells in zip(("base", "ours", "theirs"), sides):
+                (work / f"{name}.ipynb").write_text(dumps(notebook(cells)))
+                (work / f"{name}.json").write_text(dumps(notebook(cells)))
+            command.append(timed(lambda: statuses.add(subprocess.run(
+                [sys.executable, "-m", "link_kernel.cli", "git", "merge-driver",
+                 *(str(work / f"{n}.ipynb") for n in ("base", "ours", "theirs")), "nb.ipynb"],
+                capture_output=True, check=False).returncode)))
+            git.append(timed(lambda: subprocess.run(
+                ["git", "merge-file", str(work / "ours.json"), str(work / "base.json"),
+                 str(work / "theirs.json")], capture_output=True, check=False)))
+        mine, theirs_ = statistics.median(command), statistics.median(git)
+        print(f"driver command as git runs it, 2 cells: {mine * 1000:.0f} ms, git merge-file "
+              f"{theirs_ * 1000:.0f} ms, ratio {mine / theirs_:.0f}x "
+              f"(range {min(command) * 1000:.0f}-{max(command) * 1000:.0f} ms; exit {sorted(statuses)})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,6 +13,7 @@ the kernel reports it when the cell runs.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +61,8 @@ def validate(notebook: Notebook) -> None:
     if len(ids) != len(set(ids)):
         msg = "two cells share one id"
         raise NotebookFormatError(msg)
-    try:
-        import nbformat
-    except ImportError:
+    nbformat = _nbformat()
+    if nbformat is None:
         return
     try:
         nbformat.validate(nbformat.from_dict(json.loads(json.dumps(notebook))))
@@ -70,6 +70,30 @@ def validate(notebook: Notebook) -> None:
         msg = f"the merged notebook is not valid nbformat: {exc.message}"
         raise NotebookFormatError(msg) from exc
 
+
+
+def _nbformat():
+    """nbformat, or None when it is not installed, imported without rfc3987_syntax.
+
+    nbformat imports jsonschema, and jsonschema imports rfc3987_syntax where it is
+    installed (JupyterLab's dependencies bring it) to offer an ``iri`` format check;
+    building that package's grammar takes over a second, and git pays it on every
+    notebook it merges. nbformat's validation checks no formats, so the import is
+    held back while jsonschema loads; later imports of it elsewhere still work.
+    """
+    if "nbformat" in sys.modules:
+        return sys.modules["nbformat"]
+    held = "rfc3987_syntax" not in sys.modules
+    if held:
+        sys.modules["rfc3987_syntax"] = None  # an import of it raises ImportError
+    try:
+        import nbformat
+    except ImportError:
+        return None
+    finally:
+        if held and sys.modules.get("rfc3987_syntax", False) is None:
+            del sys.modules["rfc3987_syntax"]
+    return nbformat
 
 def source_of(cell: NbCell) -> str:
     source = cell.get("source", "")
