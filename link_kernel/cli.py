@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import sys
@@ -87,7 +86,7 @@ def _hosts_add(args: argparse.Namespace) -> int:
         )
         _trust_host_key(config, accept=args.accept_new_host_key)
     if not args.no_check:
-        config = asyncio.run(_complete(config))
+        config = _run_async(_complete(config))
     known[config.alias] = config
     path = hosts.save_registry(known)
     print(f"Added host {config.alias!r}: {config.summary()}\nRegistry: {path}")
@@ -193,7 +192,7 @@ def _hosts_kernels(args: argparse.Namespace) -> int:
         finally:
             await transport.close()
 
-    specs = asyncio.run(run())
+    specs = _run_async(run())
     for name in sorted(specs):
         spec = specs[name]
         print(f"{name:<20} {spec.get('display_name', '')}  [{spec.get('argv', [''])[0]}]")
@@ -237,7 +236,7 @@ def _hosts_check(args: argparse.Namespace) -> int:
             print(f"  {name:<8} {seconds * 1000:8.1f} ms")
         print(f"  1+1 = {value}; stopped by {step.value}")
 
-    asyncio.run(run())
+    _run_async(run())
     return 0
 
 
@@ -394,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sharing_commands(commands)  # pipeline export|import, cache export|import
     _add_git_commands(commands)
     return parser
+
+
+def _run_async(coroutine):
+    """``asyncio.run``, imported only by the commands that need it: git runs this
+    program once per notebook it merges or diffs, and asyncio costs 40 ms."""
+    import asyncio
+
+    return asyncio.run(coroutine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jupyter_client.kernelspec import KernelSpecManager
-
 from .errors import KernelSpecSourceError
 
 KERNEL_NAME = "link"
@@ -58,6 +56,8 @@ def install(
     With neither ``user`` nor ``prefix``, it goes to the system-wide location,
     as ``jupyter kernelspec install`` does.
     """
+    from jupyter_client.kernelspec import KernelSpecManager  # 90 ms: only when installing
+
     with tempfile.TemporaryDirectory() as tmp:
         source = write_kernel_spec(Path(tmp) / name, display_name)
         return KernelSpecManager().install_kernel_spec(
@@ -66,5 +66,7 @@ def install(
 
 
 def uninstall(name: str = KERNEL_NAME) -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
     KernelSpecManager().remove_kernel_spec(name)
 
