@@ -193,6 +193,17 @@ def test_a_cell_sent_the_moment_an_error_reply_arrives_runs(link, failing):
     assert link.run("answered").result == "25"
 
 
+@pytest.mark.parametrize("prefix", ["", "# link: local\n", "%link status\n"], ids=["plain", "routed", "link-line"])
+def test_the_local_kernel_is_never_asked_to_abort(link, prefix):
+    """The router aborts the cells queued behind a failed one itself. The local
+    kernel gets one cell at a time, so an abort of its own could only ever hit the
+    next cell, sent after the error reply: it must be asked for none."""
+    code = prefix + "get_ipython().kernel.get_parent()['content']['stop_on_error']"
+    result = link.run(code)
+    assert result.status == "ok", result.text
+    assert result.result == "False"
+
+
 def test_link_default_and_status(link):
     status = link.run("%link status")
     text = status.outputs[0]["content"]["data"]["text/plain"]
