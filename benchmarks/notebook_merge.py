@@ -73,51 +73,58 @@ def timed(run) -> float:
     return time.perf_counter() - started
 
 
+def small() -> tuple[dict, dict, dict]:
+    cells = [("a", "x = 1\n"), ("b", "y = 2\n")]
+    return (notebook(cells), notebook([("a", "x = 10\n"), cells[1]]),
+            notebook([cells[0], ("b", "y = 20\n")]))
+
+
+def in_process(work: Path) -> int:
+    """The driver's own function, as its command calls it."""
+    sides = (str(work / f"{n}.ipynb") for n in ("base", "ours", "theirs"))
+    return merge_driver(*sides, "nb.ipynb", err=io.StringIO())
+
+
+def as_git_runs_it(work: Path) -> int:
+    """The driver's whole command: a new interpreter that imports the package."""
+    sides = (str(work / f"{n}.ipynb") for n in ("base", "ours", "theirs"))
+    argv = [sys.executable, "-m", "link_kernel.cli", "git", "merge-driver", *sides, "nb.ipynb"]
+    return subprocess.run(argv, capture_output=True, check=False).returncode
+
+
+def git_merge_file(work: Path) -> None:
+    argv = ["git", "merge-file", *(str(work / f"{n}.json") for n in ("ours", "base", "theirs"))]
+    subprocess.run(argv, capture_output=True, check=False)
+
+
+def compare(label: str, make, driver, work: Path, runs: int) -> None:
+    """``driver`` and ``git merge-file`` in turn on fresh copies of ``make()``'s sides."""
+    texts = [dumps(side) for side in make()]
+    ours_times, git_times, statuses = [], [], set()
+    for _ in range(runs):
+        for name, text in zip(("base", "ours", "theirs"), texts):
+            (work / f"{name}.ipynb").write_text(text)
+            (work / f"{name}.json").write_text(text)
+        ours_times.append(timed(lambda: statuses.add(driver(work))))
+        git_times.append(timed(lambda: git_merge_file(work)))
+    mine, git = statistics.median(ours_times), statistics.median(git_times)
+    print(f"{label}: notebook merge {mine * 1000:.0f} ms, git merge-file on the JSON "
+          f"{git * 1000:.0f} ms, ratio {mine / git:.1f}x "
+          f"(range {min(ours_times) * 1000:.0f}-{max(ours_times) * 1000:.0f} ms; "
+          f"driver exit {sorted(statuses)}, 0 = merged cleanly)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=5, help="runs of each (default 5)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="link-merge-bench-"))
     try:
-        for label, make in (("edits, 1,000 cells", edits), ("rename, 400 cells, no ids", rename)):
-            base, ours, theirs = (dumps(side) for side in make())
-            ours_times, git_times, statuses = [], [], set()
-            for _ in range(args.n):
-                for name, text in (("base", base), ("ours", ours), ("theirs", theirs)):
-                    (work / f"{name}.ipynb").write_text(text)
-                    (work / f"{name}.json").write_text(text)
-                ours_times.append(timed(lambda: statuses.add(merge_driver(
-                    str(work / "base.ipynb"), str(work / "ours.ipynb"),
-                    str(work / "theirs.ipynb"), "nb.ipynb", err=io.StringIO()))))
-                git_times.append(timed(lambda: subprocess.run(
-                    ["git", "merge-file", str(work / "ours.json"), str(work / "base.json"),
-                     str(work / "theirs.json")], capture_output=True, check=False)))
-            mine, git = statistics.median(ours_times), statistics.median(git_times)
-            print(f"{label}: notebook merge {mine * 1000:.0f} ms, git merge-file on the JSON "
-                  f"{git * 1000:.0f} ms, ratio {mine / git:.1f}x "
-                  f"(range {min(ours_times) * 1000:.0f}-{max(ours_times) * 1000:.0f} ms; "
-                  f"driver exit {sorted(statuses)}, 0 = merged cleanly)")
-        small = [("a", "x = 1\n"), ("b", "y = 2\n")]
-        sides = (small, [("a", "x = 10\n"), small[1]], [small[0], ("b", "y = 20\n")])
-        command, git, statuses = [], [], set()
-        for _ in range(args.n):
-            for name, cells in zip(("base", "ours", "theirs"), sides):
-                (work / f"{name}.ipynb").write_text(dumps(notebook(cells)))
-                (work / f"{name}.json").write_text(dumps(notebook(cells)))
-            command.append(timed(lambda: statuses.add(subprocess.run(
-                [sys.executable, "-m", "link_kernel.cli", "git", "merge-driver",
-                 *(str(work / f"{n}.ipynb") for n in ("base", "ours", "theirs")), "nb.ipynb"],
-                capture_output=True, check=False).returncode)))
-            git.append(timed(lambda: subprocess.run(
-                ["git", "merge-file", str(work / "ours.json"), str(work / "base.json"),
-                 str(work / "theirs.json")], capture_output=True, check=False)))
-        mine, theirs_ = statistics.median(command), statistics.median(git)
-        print(f"driver command as git runs it, 2 cells: {mine * 1000:.0f} ms, git merge-file "
-              f"{theirs_ * 1000:.0f} ms, ratio {mine / theirs_:.0f}x "
-              f"(range {min(command) * 1000:.0f}-{max(command) * 1000:.0f} ms; exit {sorted(statuses)})")
+        compare("edits, 1,000 cells", edits, in_process, work, args.n)
+        compare("rename, 400 cells, no ids", rename, in_process, work, args.n)
+        compare("driver command as git runs it, 2 cells", small, as_git_runs_it, work, args.n)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()
