@@ -71,7 +71,6 @@ def validate(notebook: Notebook) -> None:
         raise NotebookFormatError(msg) from exc
 
 
-
 def _nbformat():
     """nbformat, or None when it is not installed, imported without rfc3987_syntax.
 
@@ -94,6 +93,7 @@ def _nbformat():
         if held and sys.modules.get("rfc3987_syntax", False) is None:
             del sys.modules["rfc3987_syntax"]
     return nbformat
+
 
 def source_of(cell: NbCell) -> str:
     source = cell.get("source", "")
