@@ -71,6 +71,9 @@ class HostConfig:
     #: 0 holds none. The host's own limit is half its available memory.
     standby_data: float = 4.0
     idle_timeout: float = 600.0
+    #: Kernels are forked from a fork server on the host that has ipykernel and the
+    #: notebook's modules imported (off: each kernel is a fresh interpreter).
+    fork_server: bool = True
     #: Cells run as Slurm jobs started with ``srun`` on this host (a login node).
     slurm: bool = False
     #: Default Slurm resources (strings as in a routing comment); a cell's own win.
@@ -113,6 +116,11 @@ class HostConfig:
     def keeps_standby(self) -> bool:
         """Warm standby is off on Slurm hosts: an idle job would hold its GPU."""
         return self.standby and not self.slurm
+
+    @property
+    def forks_kernels(self) -> bool:
+        """No fork server on Slurm hosts: each job runs on a node chosen for it."""
+        return self.fork_server and not self.slurm
 
     def to_toml(self) -> str:
         lines = [f"[hosts.{_toml_key(self.alias)}]"]
@@ -192,7 +200,8 @@ def save_registry(hosts: dict[str, HostConfig], path: Path | None = None) -> Pat
         "# Link (hybrid) hosts. Edit freely; 'link-kernel hosts add/remove' rewrite this file.\n"
         "# Settings: transport, hostname, port, user, identity, python, workdir, cache (the\n"
         "# host's variable cache), kernel, ssh_config, known_hosts, standby, standby_data\n"
-        "# (GiB of the last cell's data a standby holds ready), idle_timeout,\n"
+        "# (GiB of the last cell's data a standby holds ready), idle_timeout, fork_server\n"
+        "# (kernels forked from a process with ipykernel and the notebook's modules imported),\n"
         "# slurm (cells run as Slurm jobs) and its defaults partition, gpus, cpus, mem, time.\n\n"
     )
     tmp = path.with_suffix(".tmp")

@@ -65,6 +65,14 @@ PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _SIGNALS = {signal.SIGINT: "INT", signal.SIGTERM: "TERM", signal.SIGKILL: "KILL"}
 
 
+async def put_agent(transport: Transport) -> str:
+    """The agent's path on the host, put there once per version."""
+    agent = transport.path(".link", AGENT_NAME)
+    if not await transport.exists(agent):
+        await transport.put(agent, AGENT.encode(), 0o644)
+    return agent
+
+
 def python_spec(display_name: str = "Link remote kernel") -> KernelSpec:
     return KernelSpec(
         argv=["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -89,6 +97,7 @@ class LinkProvisioner(KernelProvisionerBase):
     slurm = Instance(SlurmLaunch, allow_none=True, help="Start the kernel as a Slurm job.")
     on_queue = AnyTrait(None, help="Called with a line of text when a waiting job's state changes.")
     queue_poll = Float(1.0, help="Seconds between squeue calls while the job waits.")
+    fork_server = Unicode("", help="The host's fork server to ask for the kernel (its socket's name).")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -110,9 +119,7 @@ class LinkProvisioner(KernelProvisionerBase):
         await transport.prepare()
         if not self.python:
             self.python = await transport.default_python()
-        agent = transport.path(".link", AGENT_NAME)
-        if not await transport.exists(agent):
-            await transport.put(agent, AGENT.encode(), 0o644)
+        agent = await put_agent(transport)
         key = secrets.token_hex(32)
         self._connection_file = transport.path(".link", f"kernel-{self.kernel_id}.json")
         info = {
@@ -145,6 +152,7 @@ class LinkProvisioner(KernelProvisionerBase):
             kernel_args=[*REMOTE_KERNEL_ARGS, *kwargs.pop("kernel_args", [])],
             cwd=transport.workdir,
             prefix=prefix,
+            fork_server=self.fork_server if self.slurm is None else "",
         )
         kwargs["cmd"] = self._spec.argv("<link_kernel.bootstrap>")
         return kwargs

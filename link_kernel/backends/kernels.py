@@ -13,7 +13,10 @@ host comes and goes, and nothing of the cell it runs.
 - warm standby: the next cell's kernel, booted once a cell's reply is out, with
   one silent cell run in it (and the last cell's data preloaded); a cell takes it
   if it suits (:meth:`KernelLifecycle._fresh_kernel`);
-- the kept kernel's idle timer and ``%link release``.
+- the kept kernel's idle timer and ``%link release``;
+- the host's fork servers (:mod:`link_kernel.backends.forkserver`), one per
+  python: a kernel is forked from one when it serves, and starts as a fresh
+  interpreter when it does not.
 
 It may not touch a cell's inputs, outputs, files or interrupts: those are
 :mod:`link_kernel.backends.remote`'s, which imports this module (never the
@@ -21,7 +24,7 @@ reverse). It reads the backend's ``host``, ``name``, ``context``, ``transport``,
 ``start_timeout``, ``shutdown_wait``, ``say``, ``state``, ``_closing``,
 ``reach()`` and ``_transport()``, and keeps the kernel state the backend's
 ``__init__`` sets: ``kept``, ``standby``, ``algo``, ``_live``, ``_keepalive``,
-``_idle``, ``_releasing``, ``_pythons``, ``_slurm``, and ``last["shutdown"]``;
+``_idle``, ``_releasing``, ``_pythons``, ``_slurm``, ``_forks``, and ``last["shutdown"]``;
 the cell sets ``_standby_due`` and ``_last_blobs`` for the next standby.
 """
 
@@ -40,6 +43,7 @@ from ..errors import ConnectionLostError, KernelDiedError, KernelStartError, Lin
 from ..provisioner import LinkProvisioner, python_spec
 from ..slurm import SlurmLaunch, find_commands
 from ..slurm import resources as slurm_resources
+from .forkserver import ForkServer
 from .local import exit_description
 
 log = logging.getLogger(__name__)
@@ -88,13 +92,17 @@ class KernelLifecycle:
     # -- starting and keeping alive ---------------------------------------------------
 
     async def _python(self, kernel_name: str) -> str:
-        """The host python for a kernelspec name ("" = the host's own python)."""
-        if not kernel_name:
+        """The host python for a kernelspec name ("" = the host's own python), asked of
+        the host once."""
+        if not kernel_name and self.host.python:
             return self.host.python
         python = self._pythons.get(kernel_name)
         if python is None:
             transport = self._transport()
-            python = await transport.kernel_python(kernel_name, self.host.python or None)
+            if kernel_name:
+                python = await transport.kernel_python(kernel_name, self.host.python or None)
+            else:
+                python = await transport.default_python()
             self._pythons[kernel_name] = python
         return python
 
@@ -121,15 +129,19 @@ class KernelLifecycle:
         await self.reach()
         timings["connect"] = time.perf_counter() - t0
         kernel_name = kernel_name or self.host.kernel
+        python = await self._python(kernel_name)
+        fork_server = await self._fork_server(python)
+        timings["fork_server"] = time.perf_counter() - t0 - timings["connect"]
         provisioner = LinkProvisioner(
             kernel_id=uuid.uuid4().hex,
             kernel_spec=python_spec(),
             host=self.name,
             transport=self._transport(),
-            python=await self._python(kernel_name),
+            python=python,
             start_timeout=self.start_timeout,
             slurm=await self._slurm_launch(resources),
             on_queue=lambda text: self.say(text),
+            fork_server=fork_server,
         )
         t1 = time.perf_counter()
         try:
@@ -168,6 +180,26 @@ class KernelLifecycle:
         timings["ready"] = time.perf_counter() - t2
         return kernel
 
+    async def _fork_server(self, python: str) -> str:
+        """The socket of the host's fork server for ``python`` ("" for none), which
+        imports the notebook's modules first (once each: later kernels have them)."""
+        if not self.host.forks_kernels or not python or self._closing:
+            return ""
+        server = self._forks.get(python)
+        if server is None:
+            server = self._forks[python] = ForkServer(self.name, self._transport(), python)
+        name = await server.socket(self.start_timeout)
+        self._ensure_keepalive()
+        if name and self.state.modules:
+            server.import_ahead(self.state.modules)
+        return name
+
+    async def _close_fork_servers(self) -> None:
+        servers = list(self._forks.values())
+        self._forks.clear()
+        for server in servers:
+            await server.close()
+
     def _on_exit(self, kernel: RemoteKernel, fut: asyncio.Future) -> None:
         result = fut.result() if not fut.cancelled() else {}
         transport = self.transport
@@ -191,11 +223,13 @@ class KernelLifecycle:
 
     async def _send_keepalives(self) -> None:
         while True:
-            kernels = [k for k in self._live if k.alive]
-            if not kernels:
+            supervisors = [k.supervisor for k in self._live if k.alive]
+            for server in self._forks.values():
+                supervisors += server.supervisors()
+            if not supervisors:
                 return
-            for kernel in kernels:
-                kernel.supervisor.keepalive()
+            for supervisor in supervisors:
+                supervisor.keepalive()
             await asyncio.sleep(1.0)
 
     # -- releasing --------------------------------------------------------------------
@@ -262,7 +296,8 @@ class KernelLifecycle:
         task.add_done_callback(self._releasing.discard)
 
     async def release(self, *, standby: bool = False) -> bool:
-        """End the kept kernel (and the standby, if asked); True if a kernel ended."""
+        """End the kept kernel (and the standby and fork servers, if asked); True if a
+        kernel ended."""
         self._cancel_idle()
         kernels = []
         kernel, self.kept = self.kept, None
@@ -276,6 +311,8 @@ class KernelLifecycle:
                 kernels.append(spare)
         for each in kernels:
             await self._release(each)
+        if standby:
+            await self._close_fork_servers()
         return kernel is not None
 
     def _schedule_idle(self) -> None:
@@ -324,11 +361,17 @@ class KernelLifecycle:
                 self._release_soon(kernel)
         return await self.start_kernel(timings, wanted, resources)
 
+    def _forking(self, kernel: RemoteKernel) -> bool:
+        """True if the next kernel like this one comes from a serving fork server."""
+        server = self._forks.get(kernel.provisioner.python)
+        return server is not None and server.serving
+
     def after_reply(self) -> None:
         """The cell's reply is sent: boot the next cell's kernel now.
 
-        Not before: on a small machine, booting competes with the end of the
-        cell (outputs, recording, the reply) for the same cores.
+        Not before, unless a fork server forks it (see _execute): on a small
+        machine, booting an interpreter competes with the end of the cell
+        (outputs, recording, the reply) for the same cores.
         """
         if self._standby_due:
             self._standby_due = False

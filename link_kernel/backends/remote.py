@@ -59,6 +59,7 @@ from ..sync.variables import Inputs, Outputs, Plan, VariableSync, default_store,
 from ..transports import Transport
 from ..transports.factory import make_transport
 from . import Backend, ExecuteRequest, Reply
+from .forkserver import ForkServer
 from .kernels import KernelLifecycle, RemoteKernel, ShutdownStep, settled
 
 
@@ -97,6 +98,8 @@ class RemoteBackend(KernelLifecycle, Backend):
         self._idle: asyncio.TimerHandle | None = None
         self._connect_lock = asyncio.Lock()
         self._pythons: dict[str, str] = {}
+        #: The host's fork servers, by python.
+        self._forks: dict[str, ForkServer] = {}
         #: Every started kernel not yet gone: each gets keepalives.
         self._live: set[RemoteKernel] = set()
         self._preparing: asyncio.Future | None = None
@@ -260,6 +263,8 @@ class RemoteBackend(KernelLifecycle, Backend):
                 self.kept = kernel
             else:
                 releasing = asyncio.ensure_future(self._timed_release(kernel, timings))
+                if self._forking(kernel):  # a fork is cheap: the next kernel boots now
+                    self._start_standby()
             self._schedule_idle()
             try:
                 if outputs is not None:
@@ -519,6 +524,7 @@ class RemoteBackend(KernelLifecycle, Backend):
             self.running = None
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+        await self._close_fork_servers()
         if self._keepalive is not None:
             self._keepalive.cancel()
         if self.transport is not None:
@@ -535,6 +541,10 @@ class RemoteBackend(KernelLifecycle, Backend):
             states.append(f"standby kernel pid {spare.pid}{holding}")
         elif self.standby is not None:
             states.append("standby kernel starting")
+        for server in self._forks.values():
+            if server.serving:
+                imported = f" with {', '.join(server.imported)} imported" if server.imported else ""
+                states.append(f"fork server pid {server.pid}{imported}")
         if not states:
             connected = self.transport is not None and self.transport.connected
             states.append("connected" if connected else "not connected")

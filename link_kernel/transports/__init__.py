@@ -50,6 +50,8 @@ class LaunchSpec:
     cwd: str | None = None
     #: A launcher the supervisor runs under (``srun ...`` on a Slurm host).
     prefix: list[str] = field(default_factory=list)
+    #: The host's fork server (its socket's name) to ask for the kernel; "" for none.
+    fork_server: str = ""
 
     def argv(self, source: str) -> list[str]:
         return [
@@ -61,6 +63,7 @@ class LaunchSpec:
             self.connection_file,
             self.agent_file,
             f"{self.dead_after:g}",
+            self.fork_server or "-",
             *self.kernel_args,
         ]
 
@@ -83,6 +86,8 @@ class Supervisor(abc.ABC):
         self.queued: asyncio.Future[str] = loop.create_future()
         self._buffer = b""
         self._tail: list[str] = []
+        #: Called with (word, value) for each other LINK report (a fork server's).
+        self.on_report: Any = None
 
     # -- supervisor output, parsed as it arrives -----------------------------------
 
@@ -110,6 +115,8 @@ class Supervisor(abc.ABC):
                 fut = {"HELLO": self.hello, "READY": self.ready, "EXIT": self.exited}.get(word)
                 if fut is not None and not fut.done():
                     fut.set_result(value)
+                elif fut is None and self.on_report is not None:
+                    self.on_report(word, value)
             elif line.strip():
                 queued = QUEUED.search(line)
                 if queued is not None and not self.queued.done():
