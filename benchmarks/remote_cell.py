@@ -14,7 +14,10 @@ One run, one sshd on 127.0.0.1 (started here), one SSH connection per side:
 - **Link, no standby**: the same cell on a host with standby off, against the
   host's cold start plus one round trip (goal: at most 1.2x);
 - **20 small variables**: the same warm cell reading 20 small variables,
-  against it reading none (goal: under 20 ms more).
+  against it reading none (goal: under 20 ms more);
+- **back to back**: the warm cell sent as Run All sends cells, each the moment
+  the last one is idle, against a plain ipykernel on this machine timed the
+  same way (goal: at most 15x).
 
 Both sides are timed by one jupyter_client blocking client without schema
 validation (``harness.lean_cell``). Each Link cell's reply carries its time
@@ -114,6 +117,20 @@ async def plain_kernel(server, base, rounds: int, settle: float, starts: int) ->
     return statistics.median(colds), statistics.median(paced), statistics.median(back_to_back)
 
 
+def plain_local(n: int) -> float:
+    """The median ``1+1`` round trip of a plain ipykernel on this machine, back to back."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        for _ in range(10):
+            lean_cell(kc, "1+1")
+        return statistics.median(lean_cell(kc, "1+1")[0] for _ in range(n))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
 def link_cells(client, code: str, n: int, settle: float) -> tuple[list[float], dict[str, list[float]]]:
     times: list[float] = []
     phases: dict[str, list[float]] = defaultdict(list)
@@ -154,6 +171,8 @@ def main() -> None:
             warm, warm_phases = link_cells(client, "# link: bench\n1+1", args.n, SETTLE)
             reads = "# link: bench\n" + " + ".join(f"v{i}" for i in range(20))
             with_vars, var_phases = link_cells(client, reads, args.n, SETTLE)
+            local_b2b = plain_local(100)
+            b2b, b2b_phases = link_cells(client, "# link: bench\n1+1", args.n, 0)
             lean_cell(client.kc, "# link: bench-cold\n1+1")
             cold, cold_phases = link_cells(client, "# link: bench-cold\n1+1", max(5, args.n // 2), 0)
         finally:
@@ -166,6 +185,8 @@ def main() -> None:
     print(f"Link, warm standby:  {median_ms(warm):7.1f} ms  [{show_phases(warm_phases)}]")
     print(f"Link, no standby:    {median_ms(cold):7.1f} ms  [{show_phases(cold_phases)}]")
     print(f"Link, 20 variables:  {median_ms(with_vars):7.1f} ms  [{show_phases(var_phases)}]")
+    print(f"Link, back to back:  {median_ms(b2b):7.1f} ms  [{show_phases(b2b_phases)}]; "
+          f"plain local ipykernel back to back {local_b2b * 1000:.2f} ms")
     print()
     warm_ratio = statistics.median(warm) / rtt
     cold_ratio = statistics.median(cold) / (cold_start + rtt)
@@ -174,6 +195,7 @@ def main() -> None:
           f"{statistics.median(warm) / rtt_b2b:.2f}x against back to back)")
     print(f"cold cell / (cold start + round trip):   {cold_ratio:5.2f}x  (goal <= 1.2)")
     print(f"20 small variables cost:                 {extra:+6.1f} ms (goal < 20 ms)")
+    print(f"back to back / plain local round trip:   {statistics.median(b2b) / local_b2b:5.2f}x  (goal <= 15)")
 
 
 if __name__ == "__main__":
