@@ -59,6 +59,7 @@ from .errors import (
     ResourceOptionError,
 )
 from .hosts import HostConfig
+from .progress import NoProgress, ProgressLine
 from .sync.files import Ignore, Journal, too_big
 from .sync.variables import VariableSync, default_store, format_size
 from .reaper import Reaper
@@ -571,9 +572,18 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
             await backend.interrupt()
         self.relay.drop = frozenset({"execute_input"})
         backend.say = lambda text: self._note(request.msg, text)
+        progress = ProgressLine(
+            lambda msg_type, content: self.session.send(
+                self.iopub_socket, msg_type, content, request.msg, ident=self._topic(msg_type)
+            ),
+            display_id=f"link-progress-{request.msg_id}",
+        )
+        backend.progress = progress
         try:
             reply = await backend.execute(request)
         finally:
+            progress.stop()
+            backend.progress = NoProgress()
             backend.say = lambda text: None
             self._active = None
             self.relay.drop = frozenset()
@@ -587,15 +597,18 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
         link = {"target": backend.name, **backend.last, "seconds": self._cell_seconds()}
         reply.metadata = {**reply.metadata, "link": link}
         if self.show_target:
-            self._target_note(request.msg, link)
+            self._target_note(request.msg, link, progress)
+        else:
+            progress.close()  # a line shown while the cell ran goes
         return reply
 
-    def _target_note(self, parent: dict, link: dict) -> None:
+    def _target_note(self, parent: dict, link: dict, progress: ProgressLine | None = None) -> None:
         """One quiet line under a remote cell: where it ran, how long it took.
 
         It is an output, so the saved notebook keeps it: a reader sees later
         where each remote cell ran (the routing comment says where it was
-        meant to run; a fallback or a default can differ).
+        meant to run; a fallback or a default can differ). A progress line
+        the cell showed becomes this line, in place.
         """
         seconds = link["seconds"]
         moved = link.get("sent", 0) + link.get("received", 0)
@@ -606,16 +619,15 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
             '<div class="link-target" style="font-size:0.8em;opacity:0.6;'
             f'font-family:var(--jp-ui-font-family,sans-serif)">&#8674; {html_escape(text)}</div>'
         )
+        content = {
+            "data": {"text/plain": f"[link] {text}", "text/html": html},
+            "metadata": {"link": {"target": link["target"], "seconds": round(seconds, 3)}},
+            "transient": {},
+        }
+        if progress is not None and progress.close(content):
+            return
         self.session.send(
-            self.iopub_socket,
-            "display_data",
-            {
-                "data": {"text/plain": f"[link] {text}", "text/html": html},
-                "metadata": {"link": {"target": link["target"], "seconds": round(seconds, 3)}},
-                "transient": {},
-            },
-            parent,
-            ident=self._topic("display_data"),
+            self.iopub_socket, "display_data", content, parent, ident=self._topic("display_data")
         )
 
     def _say_widgets_gone(self, parent: dict, host: str) -> None:

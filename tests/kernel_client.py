@@ -41,8 +41,11 @@ class Result:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
-    #: The router's "ran on HOST in N s" lines under remote cells (kept apart).
+    #: The router's "ran on HOST in N s" lines under remote cells (kept apart), as a
+    #: frontend shows them at the end: a progress line is replaced by what updated it.
     notes: list[dict[str, Any]] = field(default_factory=list)
+    #: Every message of a progress line (``link-progress-*`` display id), in order.
+    progress: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
 
     @property
@@ -177,8 +180,18 @@ class LinkClient:
                     idle = msg["content"]["execution_state"] == "idle"
                 elif msg["msg_type"] == "execute_input":
                     result.inputs.append(msg)
-                elif msg["msg_type"] == "display_data" and "link" in msg["content"]["metadata"]:
-                    result.notes.append(msg)
+                elif msg["msg_type"] in ("display_data", "update_display_data") and (
+                    "link" in msg["content"]["metadata"]
+                ):  # the quiet line, or the progress line that becomes it
+                    display_id = msg["content"].get("transient", {}).get("display_id", "")
+                    if display_id.startswith("link-progress-"):
+                        result.progress.append(msg)
+                    shown = [i for i, n in enumerate(result.notes)
+                             if display_id and n["content"].get("transient", {}).get("display_id") == display_id]
+                    if msg["msg_type"] == "update_display_data" and shown:
+                        result.notes[shown[0]] = {**msg, "msg_type": "display_data"}
+                    else:
+                        result.notes.append(msg)
                 else:
                     result.outputs.append(msg)
                     if on_output is not None:

@@ -51,6 +51,7 @@ from ..errors import (
     TransportError,
 )
 from ..hosts import HostConfig
+from ..progress import NoProgress, ProgressLine
 from ..relay import Relay
 from ..slurm import SlurmCommands
 from ..sync.files import FileSync, Journal, SyncReport
@@ -125,6 +126,8 @@ class RemoteBackend(KernelLifecycle, Backend):
         self.notes: list[str] = []
         #: Shows a line in the running cell's output at once (set by the router).
         self.say: Callable[[str], None] = lambda text: None
+        #: The running cell's live line: steps that last show there (set by the router).
+        self.progress: ProgressLine = NoProgress()
         self._slurm: SlurmCommands | None = None
         #: Module state: the cell's, sent to the host; what the cell changed, to restore.
         self.state = StateSync(sync.local if sync is not None else None)  # None: no notebook (hosts check)
@@ -210,6 +213,8 @@ class RemoteBackend(KernelLifecycle, Backend):
         fresh = None
         if kernel is None:
             fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
+            waiting = self.progress.step(f"starting a kernel on {self.name}")
+            fresh.add_done_callback(lambda _: waiting.end())
             if self.algo is None:  # the first kernel tells which hashes the host has
                 kernel = await fresh
         capturing = asyncio.ensure_future(self.state.capture(self.algo or "sha256", plan.reads))
@@ -394,9 +399,13 @@ class RemoteBackend(KernelLifecycle, Backend):
             return
         transport = self._transport()
         missing = await transport.missing_blobs(ids)
-        if missing:
-            await transport.push_blobs(str(self.sync.store), missing)
         sizes = {v["id"]: v["size"] for v in inputs.values.values()}
+        if missing:
+            step = self.progress.step(f"sending variables to {self.name}", sum(sizes[i] for i in missing))
+            try:
+                await transport.push_blobs(str(self.sync.store), missing, step.add)
+            finally:
+                step.end()
         self.last["sent"] += sum(sizes[i] for i in missing)
 
     def _remote_scan(self, outputs: Outputs) -> dict[str, list] | None:
@@ -439,9 +448,13 @@ class RemoteBackend(KernelLifecycle, Backend):
     async def _bring_back_variables(self, outputs: Outputs) -> None:
         """Pull the outputs' blobs, then apply them locally all at once."""
         missing = self.sync.missing_locally(outputs)
-        if missing:
-            await self._transport().pull_blobs(missing, str(self.sync.store))
         sizes = {v["id"]: v["size"] for v in outputs.values.values()}
+        if missing:
+            step = self.progress.step(f"fetching variables from {self.name}", sum(sizes[i] for i in missing))
+            try:
+                await self._transport().pull_blobs(missing, str(self.sync.store), step.add)
+            finally:
+                step.end()
         self.last["received"] = sum(sizes[i] for i in missing) + sum(
             {v["id"]: v["size"] for v in outputs.values.values() if "inline" in v}.values()
         )
@@ -468,7 +481,9 @@ class RemoteBackend(KernelLifecycle, Backend):
         transport = self._transport()
         await transport.prepare()
         fs = await transport.filesystem()
-        report = await self._filesync().push(fs, transport.workdir, None)
+        files = self._filesync()
+        files.progress = self._file_progress(f"sending files to {self.name}")
+        report = await files.push(fs, transport.workdir, None)
         self._file_notes(report)
         return report
 
@@ -477,7 +492,9 @@ class RemoteBackend(KernelLifecycle, Backend):
         transport = self._transport()
         fs = await transport.filesystem()
         self._pulled_token = ""
-        report = await self._filesync().pull(fs, transport.workdir, remote_now)
+        files = self._filesync()
+        files.progress = self._file_progress(f"fetching files from {self.name}")
+        report = await files.pull(fs, transport.workdir, remote_now)
         self._file_notes(report)
         self._pulled_token = "" if report.warnings() else token
         return report
@@ -494,6 +511,23 @@ class RemoteBackend(KernelLifecycle, Backend):
         report = await files.sync(await transport.filesystem(), transport.workdir, remote_now)
         self._file_notes(report)
         return report
+
+    def _file_progress(self, what: str) -> Callable[[int, int, str], None]:
+        """A file sync's progress callback, as one step of the cell's live line."""
+        step = None
+
+        def progress(done: int, total: int, path: str) -> None:
+            nonlocal step
+            if not path:  # the sync is over
+                if step is not None:
+                    step.end()
+                    step = None
+                return
+            if step is None:
+                step = self.progress.step(what, total)
+            step.total, step.done = total, done
+
+        return progress
 
     def _file_notes(self, report: SyncReport) -> None:
         for line in report.warnings():

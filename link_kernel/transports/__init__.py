@@ -307,15 +307,19 @@ class Transport(abc.ABC):
         """The blobs of ``ids`` the host's store lacks (checked or not)."""
 
     @abc.abstractmethod
-    async def push_blobs(self, local_store: str, ids: list[str]) -> None:
+    async def push_blobs(self, local_store: str, ids: list[str], tick=None) -> None:
         """Copy blobs from the local store into the host's; whole or not at all.
+
+        ``tick(n)``, if given, is called (from any thread) as bytes are done.
 
         Each lands as ``ID`` + :data:`UNCHECKED`: its first load checks it.
         """
 
     @abc.abstractmethod
-    async def pull_blobs(self, ids: list[str], local_store: str) -> None:
+    async def pull_blobs(self, ids: list[str], local_store: str, tick=None) -> None:
         """Copy blobs from the host's store into the local one; whole or not at all.
+
+        ``tick(n)``, if given, is called (from any thread) as bytes are done.
 
         Each lands as ``ID`` + :data:`UNCHECKED`: its first load checks it.
         """

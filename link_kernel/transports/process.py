@@ -155,11 +155,11 @@ class ProcessTransport(Transport):
     async def missing_blobs(self, ids: list[str]) -> list[str]:
         return [i for i in ids if not has_blob(self.blob_dir, i)]
 
-    async def push_blobs(self, local_store: str, ids: list[str]) -> None:
-        await asyncio.to_thread(_link_or_copy, local_store, self.blob_dir, ids)
+    async def push_blobs(self, local_store: str, ids: list[str], tick=None) -> None:
+        await asyncio.to_thread(_link_or_copy, local_store, self.blob_dir, ids, tick)
 
-    async def pull_blobs(self, ids: list[str], local_store: str) -> None:
-        await asyncio.to_thread(_link_or_copy, self.blob_dir, local_store, ids)
+    async def pull_blobs(self, ids: list[str], local_store: str, tick=None) -> None:
+        await asyncio.to_thread(_link_or_copy, self.blob_dir, local_store, ids, tick)
 
     async def reach(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
         return host, port
@@ -176,7 +176,7 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
-def _link_or_copy(src: str, dest: str, ids: list[str]) -> None:
+def _link_or_copy(src: str, dest: str, ids: list[str], tick=None) -> None:
     """Hard-link blobs between stores on one machine (copy across filesystems).
 
     Nothing crosses a wire: a checked blob stays checked, an unchecked one not.
@@ -196,3 +196,5 @@ def _link_or_copy(src: str, dest: str, ids: list[str]) -> None:
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
+        if tick is not None:
+            tick(os.path.getsize(target))

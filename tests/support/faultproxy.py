@@ -7,6 +7,7 @@
         proxy.blackhole()      # the host vanished: nothing moves, nothing closes
         proxy.reset()          # every current connection gets an RST
         proxy.refuse_new = True
+        proxy.throttle(4 << 20)  # at most 4 MiB/s, all connections together
 
 One thread runs everything with a selector. Mode switches are thread-safe and
 synchronous: when ``blackhole()`` or ``reset()`` returns, the proxy thread has
@@ -20,6 +21,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 _CHUNK = 256 * 1024
@@ -55,7 +57,9 @@ class FaultProxy:
       connections are accepted and held without a server side;
     - ``reset()``: close every current connection, both sides, with RST
       (SO_LINGER 0), then keep forwarding new ones;
-    - ``refuse_new = True``: close each new connection at once (with RST).
+    - ``refuse_new = True``: close each new connection at once (with RST);
+    - ``throttle(rate)``: forward at most ``rate`` bytes a second, all connections
+      together (the proxy thread sleeps after each read); ``throttle(0)`` lifts it.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -76,6 +80,7 @@ class FaultProxy:
         self._commands: list[tuple[Callable[[], None], threading.Event]] = []
         self._blackholed = False
         self._refuse_new = False
+        self._rate = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"faultproxy-{self.port}", daemon=True)
         self._thread.start()
@@ -95,6 +100,14 @@ class FaultProxy:
     def blackhole(self) -> None:
         """Stop moving bytes in both directions; keep every socket open."""
         self._call(self._do_blackhole)
+
+    def throttle(self, rate: int) -> None:
+        """Forward at most ``rate`` bytes a second (0: as fast as it goes)."""
+
+        def apply() -> None:
+            self._rate = rate
+
+        self._call(apply)
 
     def reset(self) -> None:
         """Close every current connection, client and server side, with RST."""
@@ -265,7 +278,9 @@ class FaultProxy:
         incoming = pipe.to_client if not to_client else pipe.to_server
         try:
             if mask & selectors.EVENT_READ:
-                data = sock.recv(_CHUNK)
+                data = sock.recv(min(_CHUNK, self._rate // 20) if self._rate else _CHUNK)
+                if data and self._rate:
+                    time.sleep(len(data) / self._rate)
                 if data:
                     outgoing += data
                     self._flush(outgoing, other)

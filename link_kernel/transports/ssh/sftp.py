@@ -8,6 +8,8 @@ It imports no other module of this package.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 from collections import deque
 
@@ -71,11 +73,18 @@ class _SFTPClient(paramiko.SFTPClient):
             size = f.stat().st_size or 0
             return self._read_pipelined(f.handle, size)
 
-    def read_into(self, path: str, fd: int) -> int:
-        """Copy ``path`` into the local file descriptor ``fd``; return the size."""
+    def read_into(self, path: str, fd: int, tick: Callable[[int], None] | None = None) -> int:
+        """Copy ``path`` into the local file descriptor ``fd``; return the size.
+        ``tick(n)`` is called with each chunk's size as it is written."""
+
+        def write(at: int, data: bytes) -> None:
+            os.pwrite(fd, data, at)
+            if tick is not None:
+                tick(len(data))
+
         with self.open(path, "rb") as f:
             size = f.stat().st_size or 0
-            return self._read_pipelined(f.handle, size, lambda at, data: os.pwrite(fd, data, at))
+            return self._read_pipelined(f.handle, size, write)
 
     def _read_pipelined(self, handle: bytes, size: int, write=None) -> bytes | int:
         out = bytearray(size) if write is None else None

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
+from typing import Any
 
 import paramiko
 
@@ -37,6 +38,65 @@ log = logging.getLogger(__name__)
 
 #: Files from this size up move with the OpenSSH client when it is there.
 BULK_MIN = 16 * 2**20
+
+#: Called with the bytes of a blob transfer as they are done (from its thread).
+Tick = Callable[[int], None]
+
+
+def _no_tick(n: int) -> None:
+    pass
+
+
+def _counting(tick: Tick) -> Callable[[int, int], None]:
+    """paramiko's callback(so far, total) as increments to ``tick``."""
+    done = 0
+
+    def callback(so_far: int, total: int) -> None:
+        nonlocal done
+        tick(so_far - done)
+        done = so_far
+
+    return callback
+
+
+def _run_counted(argv: list[str], stdin: Any, stdout: Any, counted: Any, tick: Tick,
+                 every: float = 0.1) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a copy through a file (``counted``, its stdin or stdout),
+    telling ``tick`` how far it got: the offset of the child's stdin in that file, or the
+    size the file has grown to."""
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    reading = counted is stdin
+
+    def position() -> int:
+        if not reading:
+            return os.fstat(counted.fileno()).st_size
+        try:  # the child shares the open file: its offset is how far it read
+            with open(f"/proc/{proc.pid}/fdinfo/0") as f:
+                return int(f.readline().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    done = 0
+    try:
+        while True:
+            try:  # reads stderr meanwhile: a chatty child never blocks on a full pipe
+                _, err = proc.communicate(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = position()
+            if now > done:
+                tick(now - done)
+                done = now
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode == 0:
+        end = os.fstat(counted.fileno()).st_size
+        if end > done:
+            tick(end - done)
+    return subprocess.CompletedProcess(argv, proc.returncode, b"", err)
 #: What OpenSSH says when it cannot log in at all (as opposed to a broken connection).
 _CANNOT_LOG_IN = re.compile(
     r"Permission denied|Host key verification failed|no such identity|Bad configuration|"
@@ -175,10 +235,10 @@ class SSHTransport(Transport):
         present = set(await asyncio.to_thread(listdir))
         return [i for i in ids if i not in present and i + UNCHECKED not in present]
 
-    async def push_blobs(self, local_store: str, ids: list[str]) -> None:
-        await asyncio.to_thread(self._push_blobs, local_store, ids)
+    async def push_blobs(self, local_store: str, ids: list[str], tick: Tick | None = None) -> None:
+        await asyncio.to_thread(self._push_blobs, local_store, ids, tick or _no_tick)
 
-    def _push_blobs(self, local_store: str, ids: list[str]) -> None:
+    def _push_blobs(self, local_store: str, ids: list[str], tick: Tick) -> None:
         connection = self._live()
         for blob_id in ids:
             source = os.path.join(local_store, blob_id)
@@ -186,13 +246,13 @@ class SSHTransport(Transport):
                 source += UNCHECKED
             target = posixpath.join(self.blob_dir, blob_id + UNCHECKED)
             size = os.path.getsize(source)
-            if size >= BULK_MIN and self._bulk(source, target, upload=True):
+            if size >= BULK_MIN and self._bulk(source, target, upload=True, tick=tick):
                 continue
             temp = f"{target}.{secrets.token_hex(4)}.part"
             try:
                 with connection.locked_sftp() as sftp:
                     try:
-                        sftp.put(source, temp, confirm=True)
+                        sftp.put(source, temp, callback=_counting(tick), confirm=True)
                         sftp.posix_rename(temp, target)
                     except (OSError, paramiko.SSHException, EOFError):
                         _quietly(sftp.remove, temp)
@@ -204,7 +264,7 @@ class SSHTransport(Transport):
                 raise TransferError(self._why_not(f"sending {blob_id} to {self.alias} failed",
                                                   exc, self.blob_dir, size)) from exc
 
-    def _bulk(self, local: str, remote: str, *, upload: bool) -> bool:
+    def _bulk(self, local: str, remote: str, *, upload: bool, tick: Tick = None) -> bool:
         """Copy one big file with the OpenSSH client; False if it cannot be used.
 
         paramiko moves about 150 MiB/s here, OpenSSH (a C cipher loop, no
@@ -221,12 +281,11 @@ class SSHTransport(Transport):
         if upload:
             command = f"cat > {shlex.quote(temp)} && mv -f {shlex.quote(temp)} {shlex.quote(remote)}"
             with open(local, "rb") as src:
-                proc = subprocess.run([*argv, command], stdin=src, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, check=False)
+                proc = _run_counted([*argv, command], src, subprocess.DEVNULL, src, tick or _no_tick)
         else:
             with open(temp, "wb") as dst:
-                proc = subprocess.run([*argv, f"cat {shlex.quote(remote)}"], stdin=subprocess.DEVNULL,
-                                      stdout=dst, stderr=subprocess.PIPE, check=False)
+                proc = _run_counted([*argv, f"cat {shlex.quote(remote)}"], subprocess.DEVNULL, dst,
+                                    dst, tick or _no_tick)
         if proc.returncode == 0:
             if not upload:
                 os.replace(temp, local)
@@ -286,10 +345,10 @@ class SSHTransport(Transport):
                     f"({free // 2**20} MiB free, {max(1, size // 2**20)} MiB needed)")
         return f"{doing}: {exc}"
 
-    async def pull_blobs(self, ids: list[str], local_store: str) -> None:
-        await asyncio.to_thread(self._pull_blobs, ids, local_store)
+    async def pull_blobs(self, ids: list[str], local_store: str, tick: Tick | None = None) -> None:
+        await asyncio.to_thread(self._pull_blobs, ids, local_store, tick or _no_tick)
 
-    def _pull_blobs(self, ids: list[str], local_store: str) -> None:
+    def _pull_blobs(self, ids: list[str], local_store: str, tick: Tick) -> None:
         connection = self._live()
         os.makedirs(local_store, mode=0o700, exist_ok=True)
         for blob_id in ids:
@@ -303,13 +362,13 @@ class SSHTransport(Transport):
                 size = 0
             except (OSError, paramiko.SSHException, EOFError):
                 size = 0
-            if size >= BULK_MIN and self._bulk(target, source, upload=False):
+            if size >= BULK_MIN and self._bulk(target, source, upload=False, tick=tick):
                 continue
             temp = f"{target}.{os.getpid()}.part"
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 with connection.locked_sftp() as sftp:
-                    sftp.read_into(source, fd)
+                    sftp.read_into(source, fd, tick)
                 os.close(fd)
                 fd = -1
                 os.replace(temp, target)
