@@ -49,6 +49,7 @@ files have changed on disk (a fresh kernel would import the new ones), and
 when it refuses or is gone the supervisor starts the kernel the usual way.
 """
 
+import gc
 import json
 import os
 import select
@@ -590,6 +591,7 @@ def hand_off(conn, listener, out, control):
     request, fds = got
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    gc.freeze()  # the child's collector leaves what is here alone: its pages stay shared
     pid = os.fork()
     if pid == 0:
         try:

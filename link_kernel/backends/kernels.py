@@ -356,10 +356,20 @@ class KernelLifecycle:
                 and kernel.resources == resources
             ):
                 timings["standby"] = 1.0
+                self._next_standby_now(kernel)
                 return kernel
             if kernel is not None:
                 self._release_soon(kernel)
-        return await self.start_kernel(timings, wanted, resources)
+        kernel = await self.start_kernel(timings, wanted, resources)
+        self._next_standby_now(kernel)
+        return kernel
+
+    def _next_standby_now(self, kernel: RemoteKernel) -> None:
+        """Boot the next cell's kernel while this cell runs, when a fork makes it cheap
+        and there is no big data for it to preload (it preloads what this cell makes:
+        that standby boots once this cell is over). Run All then rarely waits."""
+        if not self._last_blobs and self._forking(kernel):
+            self._start_standby()
 
     def _forking(self, kernel: RemoteKernel) -> bool:
         """True if the next kernel like this one comes from a serving fork server."""
