@@ -34,7 +34,7 @@ before its kernel can answer, and more importing the notebook's libraries. With
 CONNECTION_FILE ``serve:NAME`` this file runs as a host's fork server instead:
 one long-lived process (supervised by the router like a kernel: keepalives on
 its stdin, killed by silence or end of file) that imports ipykernel, the agent
-and, on ``IMPORT {"modules": [...]}`` lines, the notebook's installed modules,
+and, on ``IMPORT ["module", ...]`` lines, the notebook's installed modules,
 and listens on the abstract unix socket NAME (Linux; only its own user may
 connect). A kernel's supervisor started with FORK_SERVER NAME (``-`` for
 none) hands the fork server its stdin, stdout and stderr, argv and
@@ -45,8 +45,10 @@ ends), in its own process group, supervised exactly as an exec'd one; the
 supervisor that asked only waits for the child's status and exits with it.
 The fork server never imports a module that starts a thread or sets up a GPU
 (CUDA does not survive a fork), refuses to fork once an imported package's
-files have changed on disk (a fresh kernel would import the new ones), and
-when it refuses or is gone the supervisor starts the kernel the usual way.
+files have changed on disk (a fresh kernel would import the new ones): a
+``CHECK`` line asks it that of the kernels it forked already (a standby), and
+it answers ``CHECKED {"stale": module or null}``. When it refuses or is gone
+the supervisor starts the kernel the usual way.
 """
 
 import gc
@@ -324,6 +326,8 @@ def main(argv):
     }
     hello.update(extra)
     report(out, "HELLO", hello)
+    if FORKED.get("agent_file") == agent_file:
+        extra = dict(extra, forked=True)  # READY says the kernel is a fork of the server
     if missing:
         if node_dir is not None:  # the connection file holds the key: it goes too
             shutil.rmtree(node_dir, ignore_errors=True)
@@ -677,6 +681,11 @@ def serve(workdir, name, agent_file, dead_after):
                     report(out, "IMPORTED", result)
                     reason = result.get("unsafe")
                     heard = time.monotonic()
+                elif line.strip() == b"CHECK":
+                    changed = stale()
+                    report(out, "CHECKED", {"stale": changed})
+                    if changed is not None and reason is None:
+                        reason = "the files of %s changed since it was imported" % changed
         elif time.monotonic() - heard > dead_after:
             reason = GONE
         if listener in ready and reason is None:

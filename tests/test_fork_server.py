@@ -118,7 +118,8 @@ def test_a_forked_kernels_memory_is_returned_when_it_ends(notebook, remote):
 
 def test_a_package_changed_on_disk_is_imported_anew(tmp_path):
     """A fresh kernel imports a package's files as they are now; a fork server that imported
-    the old ones stops forking, and the next kernel comes from one that imports the new.
+    the old ones stops forking, its standby is not used, and the next kernel comes from one
+    that imports the new.
 
     On a process host, whose kernels see the notebook's PYTHONPATH."""
     remote = "proc-upgrade"
@@ -135,6 +136,7 @@ def test_a_package_changed_on_disk_is_imported_anew(tmp_path):
         lineage(client, remote)  # names shapes: the server imports it
         (_, _, first), out = lineage(client, remote, "print(shapes.SIDES)")
         assert out.strip() == "3" and first
+        time.sleep(1.0)  # the next cell's standby is forked by now, with the old files loaded
         init.write_text("SIDES = 4  # the same package, upgraded\n")
         (_, _, second), out = lineage(client, remote, "import importlib, shapes\nprint(shapes.SIDES)")
         assert out.strip() == "4"

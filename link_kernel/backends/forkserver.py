@@ -49,6 +49,8 @@ class ForkServer:
         #: Servers that stopped taking requests but still wait for their kernels.
         self.retired: list[Supervisor] = []
         self.starts = 0
+        #: Answers awaited to CHECK lines, in the order they were sent.
+        self._checks: list[asyncio.Future] = []
 
     @property
     def pid(self) -> int:
@@ -112,7 +114,27 @@ class ForkServer:
         self.name = name
         self.starts = 0  # it served: a later end may restart it as often as the first time
 
+    async def check(self, name: str, timeout: float = 10.0) -> str | None:
+        """Why a kernel forked by server ``name`` may hold modules a fresh kernel would
+        not (a package's files changed since, or the server is gone and cannot say),
+        or None if it is as fresh as a new one."""
+        if name != self.name or not self.serving:
+            return self.ended or "its fork server is gone"
+        assert self.supervisor is not None
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._checks.append(answer)
+        self.supervisor.write(b"CHECK\n")
+        try:
+            return await asyncio.wait_for(asyncio.shield(answer), timeout)
+        except asyncio.TimeoutError:
+            return "its fork server did not answer"
+
     def _on_report(self, word: str, value: dict) -> None:
+        if word == "CHECKED" and self._checks:
+            answer = self._checks.pop(0)
+            changed = value.get("stale")
+            if not answer.done():
+                answer.set_result(f"the files of {changed} changed since it was imported" if changed else None)
         if word == "IMPORTED":
             self.imported += value.get("imported") or []
             self.skipped.update(value.get("skipped") or {})
@@ -129,11 +151,20 @@ class ForkServer:
                 log.warning("no fork server on %s: %s", self.host, self.ended)
         if supervisor in self.retired:
             self.retired.remove(supervisor)
+        if supervisor is self.supervisor:  # no answer comes now
+            for answer in self._checks:
+                if not answer.done():
+                    answer.set_result(self.ended or "its fork server is gone")
+            self._checks.clear()
 
     def _retire(self) -> None:
         """Keep an ended server's supervisor until it exits (it waits for its kernels)."""
         supervisor, self.supervisor = self.supervisor, None
         self.name = ""
+        for answer in self._checks:
+            if not answer.done():
+                answer.set_result(self.ended or "its fork server is gone")
+        self._checks.clear()
         if supervisor is not None and not supervisor.done:
             self.retired.append(supervisor)
 

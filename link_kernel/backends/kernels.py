@@ -75,6 +75,12 @@ class RemoteKernel:
     ending: bool = False
     #: Bytes of the last cell's data it holds ready (a standby; see agent.preload).
     preloaded: int = 0
+    #: The fork server (its socket's name) it was forked from; "" if it was exec'd.
+    forked_by: str = ""
+    #: A taken standby's check that its fork server's modules are still current.
+    checking: asyncio.Future | None = None
+    #: Found stale and released: never offered as a standby again.
+    discarded: bool = False
 
     @property
     def supervisor(self):
@@ -158,12 +164,14 @@ class KernelLifecycle:
         conn = KernelConnection(info, context=self.context, name=self.name)
         conn.open()
         supervisor = provisioner.supervisor
+        ready = supervisor.ready.result()
         kernel = RemoteKernel(
             provisioner,
             conn,
-            pid=int(supervisor.ready.result()["pid"]),
+            pid=int(ready["pid"]),
             kernel_name=kernel_name,
             resources=resources,
+            forked_by=fork_server if ready.get("forked") else "",
         )
         if self.algo is None:
             modules = supervisor.hello.result().get("modules", {})
@@ -356,18 +364,38 @@ class KernelLifecycle:
                 and kernel.resources == resources
             ):
                 timings["standby"] = 1.0
-                self._next_standby_now(kernel)
+                server = self._forks.get(kernel.provisioner.python)
+                if kernel.forked_by and server is not None:  # answered while the inputs go
+                    kernel.checking = asyncio.ensure_future(server.check(kernel.forked_by))
                 return kernel
             if kernel is not None:
                 self._release_soon(kernel)
-        kernel = await self.start_kernel(timings, wanted, resources)
-        self._next_standby_now(kernel)
-        return kernel
+        return await self.start_kernel(timings, wanted, resources)
+
+    async def _checked(
+        self, kernel: RemoteKernel, timings: dict[str, float], resources: tuple[tuple[str, str], ...]
+    ) -> RemoteKernel:
+        """The standby if its fork server's modules are still what a fresh kernel would
+        import, else a kernel started now (from a new fork server)."""
+        checking, kernel.checking = kernel.checking, None
+        if checking is None:
+            return kernel
+        why = await checking
+        if why is None:
+            return kernel
+        log.info("a standby on %s was not used: %s", self.name, why)
+        kernel.discarded = True
+        self._release_soon(kernel)
+        timings.pop("standby", None)
+        return await self.start_kernel(timings, kernel.kernel_name, resources)
 
     def _next_standby_now(self, kernel: RemoteKernel) -> None:
         """Boot the next cell's kernel while this cell runs, when a fork makes it cheap
         and there is no big data for it to preload (it preloads what this cell makes:
-        that standby boots once this cell is over). Run All then rarely waits."""
+        that standby boots once this cell is over). Run All then rarely waits.
+
+        Called once the cell's module state is captured: the fork server imports the
+        modules the notebook uses now before it forks the standby."""
         if not self._last_blobs and self._forking(kernel):
             self._start_standby()
 
@@ -426,6 +454,8 @@ class KernelLifecycle:
         return kernel
 
     def _offer_standby(self, kernel: RemoteKernel) -> None:
+        if kernel.discarded:
+            return  # on its way out already
         if self.host.keeps_standby and self.standby is None and kernel.alive and not self._closing:
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             fut.set_result(kernel)

@@ -236,7 +236,8 @@ class RemoteBackend(KernelLifecycle, Backend):
                 await self.push_files()
                 timings["files out"] = time.perf_counter() - t1
             if fresh is not None:
-                kernel = await fresh
+                kernel = await self._checked(await fresh, timings, resources)
+                self._next_standby_now(kernel)
         except BaseException:
             # not cancelled: a request to the local kernel cut off mid-way would leave
             # its reply for the next request to find; it takes milliseconds
