@@ -116,6 +116,20 @@ def test_a_forked_kernels_memory_is_returned_when_it_ends(notebook, remote):
     assert rss_kib(server) < 400 * 1024
 
 
+def test_the_standby_holds_what_the_cell_before_it_made(notebook, remote):
+    """The next cell's standby boots while a cell runs (a fork is cheap), before the cell
+    has made its data; a cell that made big data gets a standby that holds it ready."""
+    lineage(notebook, remote)  # small: the standby for the next cell boots at once
+    assert notebook.run(f"# link: {remote}\nbig = bytearray(8 << 20)").status == "ok"
+    deadline = time.monotonic() + 15
+    status = ""
+    while time.monotonic() < deadline and "holding 8.0 MiB ready" not in status:
+        time.sleep(0.2)
+        status = notebook.run("%link status").text
+    assert "holding 8.0 MiB ready" in status, status
+    assert notebook.run(f"# link: {remote}\nlen(big)").result == str(8 << 20)
+
+
 def test_a_package_changed_on_disk_is_imported_anew(tmp_path):
     """A fresh kernel imports a package's files as they are now; a fork server that imported
     the old ones stops forking, its standby is not used, and the next kernel comes from one

@@ -25,7 +25,8 @@ reverse). It reads the backend's ``host``, ``name``, ``context``, ``transport``,
 ``reach()`` and ``_transport()``, and keeps the kernel state the backend's
 ``__init__`` sets: ``kept``, ``standby``, ``algo``, ``_live``, ``_keepalive``,
 ``_idle``, ``_releasing``, ``_pythons``, ``_slurm``, ``_forks``, and ``last["shutdown"]``;
-the cell sets ``_standby_due`` and ``_last_blobs`` for the next standby.
+the cell sets ``_standby_due`` and ``_last_blobs`` for the next standby (which
+keeps ``_standby_blobs``, the blobs it holds).
 """
 
 from __future__ import annotations
@@ -398,6 +399,7 @@ class KernelLifecycle:
         modules the notebook uses now before it forks the standby."""
         if not self._last_blobs and self._forking(kernel):
             self._start_standby()
+            self._standby_early = self.standby is not None
 
     def _forking(self, kernel: RemoteKernel) -> bool:
         """True if the next kernel like this one comes from a serving fork server."""
@@ -416,12 +418,27 @@ class KernelLifecycle:
             self._start_standby()
 
     def _start_standby(self) -> None:
-        """Boot the next cell's kernel in the background (warm standby)."""
+        """Boot the next cell's kernel in the background (warm standby), holding the
+        last cell's big data (``_last_blobs``) ready.
+
+        A standby booted before the last cell made its data (see _next_standby_now)
+        holds none of it: it is let go and a new one boots, which costs a fork.
+        """
+        if self._standby_early and self._last_blobs and self._standby_blobs != self._last_blobs:
+            task, self.standby = self.standby, None
+            if task is None:
+                pass
+            elif task.done():
+                self._release_when_done(task)
+            else:
+                task.add_done_callback(self._release_when_done)
+        self._standby_early = False
         if self.host.keeps_standby and self.standby is None and not self._closing:
-            self.standby = asyncio.ensure_future(self._boot_standby())
+            self._standby_blobs = list(self._last_blobs)
+            self.standby = asyncio.ensure_future(self._boot_standby(self._standby_blobs))
             self.standby.add_done_callback(self._standby_done)
 
-    async def _boot_standby(self) -> RemoteKernel:
+    async def _boot_standby(self, blobs: list[str]) -> RemoteKernel:
         """Start a kernel and run one silent empty cell in it.
 
         IPython's first execution imports and compiles what later ones reuse;
@@ -433,9 +450,9 @@ class KernelLifecycle:
         if self.state.modules:  # the notebook's modules, imported before its next cell
             code += f"{agent}.preimport({self.state.modules!r})\n"
         budget = int(self.host.standby_data * 2**30)
-        if self._last_blobs and budget > 0:
+        if blobs and budget > 0:
             store = self._transport().blob_dir
-            code += f"{agent}.preload({store!r}, {self._last_blobs!r}, {budget})\n"
+            code += f"{agent}.preload({store!r}, {blobs!r}, {budget})\n"
         try:
             reply = await kernel.conn.request(
                 "execute_request",

@@ -116,6 +116,10 @@ class RemoteBackend(KernelLifecycle, Backend):
         self._pulled_token = ""
         #: The blobs of the last cell's big inputs and outputs (a standby preloads them).
         self._last_blobs: list[str] = []
+        #: The blobs the standby holds (or will): those of the cell before it booted.
+        self._standby_blobs: list[str] = []
+        #: The standby was booted while a cell ran, before that cell made its data.
+        self._standby_early = False
         self._scan_id = uuid.uuid4().hex
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
