@@ -232,8 +232,9 @@ def _hosts_check(args: argparse.Namespace) -> int:
             await backend.shutdown()
             context.term()
         print(f"{args.alias}: {host.summary()}")
+        width = max(map(len, timings), default=8)
         for name, seconds in timings.items():
-            print(f"  {name:<8} {seconds * 1000:8.1f} ms")
+            print(f"  {name:<{width}} {seconds * 1000:8.1f} ms")
         print(f"  1+1 = {value}; stopped by {step.value}")
 
     _run_async(run())
