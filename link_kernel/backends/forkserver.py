@@ -90,7 +90,8 @@ class ForkServer:
 
         self.starts += 1
         self.ended = ""
-        self.asked.clear()
+        self.asked.clear()  # a new server has imported nothing yet
+        self.imported, self.skipped = [], {}
         await self.transport.connect()
         workdir = await self.transport.prepare()
         name = f"link-fork-{secrets.token_hex(12)}"
