@@ -110,8 +110,9 @@ def my_children():
 
 
 def reap_all(pgid, timeout):
-    """Kill the kernel's group and every adopted descendant; reap them all."""
-    killpg(pgid, signal.SIGKILL)
+    """Kill the kernel's group (None: no group) and every adopted descendant; reap them all."""
+    if pgid is not None:
+        killpg(pgid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -141,67 +142,50 @@ def check_modules():
     return found, missing
 
 
-#: What the kernel process runs: a fresh interpreter that loads the agent and
-#: starts ipykernel. However ipykernel ends, the process ends as python would
+#: How a process becomes the kernel: it loads the agent file as ``__link_agent__``
+#: and starts ipykernel. However ipykernel ends, the process ends as python would
 #: (atexit hooks run, every open file flushed) but skips tearing down the
 #: thousands of modules IPython imported, which takes 150 ms and helps no one.
-KERNEL_MAIN = """
-import sys, types
-agent_file, conn_file = sys.argv[1], sys.argv[2]
-with open(agent_file) as f:
-    source = f.read()
-agent = types.ModuleType("__link_agent__")
-agent.__file__ = agent_file
-exec(compile(source, agent_file, "exec"), agent.__dict__)
-sys.modules["__link_agent__"] = agent
-if sys.path and sys.path[0] == "":
-    del sys.path[0]
-from ipykernel.kernelapp import IPKernelApp
-IPKernelApp.launch_instance(argv=[
-    "-f", conn_file,
-    "--IPKernelApp.exec_lines=['__import__(\\"__link_agent__\\").install(get_ipython())']",
-    *sys.argv[3:],
-])
-agent.exit_now(0)
-"""
+#: One text, two uses: run here (the fork server loads the agent with it, and a
+#: kernel forked from the server becomes the kernel with it), and run by a fresh
+#: interpreter as KERNEL_MAIN.
+KERNEL_CODE = r"""
+import os, signal, sys, types
 
 
-def run_kernel(conn_file, agent_file, kernel_args):
-    """In the forked child: become the kernel, in a process group of its own."""
-    os.setpgid(0, 0)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    parent = "--IPKernelApp.parent_handle=%d" % os.getppid()  # it dies with its supervisor
-    if FORKED.get("agent_file") == agent_file:
-        kernel_here(conn_file, agent_file, [parent] + list(kernel_args))
-    argv = [sys.executable, "-c", KERNEL_MAIN, agent_file, conn_file, parent] + list(kernel_args)
-    os.execv(sys.executable, argv)
+def load_agent(agent_file):
+    '''The agent file as module __link_agent__, loaded once; '' leaves sys.path.'''
+    if sys.path and sys.path[0] == "":
+        del sys.path[0]
+    agent = sys.modules.get("__link_agent__")
+    if agent is not None and getattr(agent, "__file__", None) == agent_file:
+        return agent
+    with open(agent_file) as f:
+        source = f.read()
+    agent = types.ModuleType("__link_agent__")
+    agent.__file__ = agent_file
+    exec(compile(source, agent_file, "exec"), agent.__dict__)
+    sys.modules["__link_agent__"] = agent
+    return agent
 
 
-def kernel_here(conn_file, agent_file, kernel_args):
-    """Become the kernel without an exec: the fork server imported all it needs.
+def become_kernel(agent_file, conn_file, kernel_args):
+    '''Start ipykernel on conn_file; never returns.
 
-    What a fresh interpreter would have differently is set as it would be:
-    Python's SIGINT handler, the generators of numpy and torch seeded afresh
-    (``random`` reseeds itself at a fork; the notebook's own generator states
-    are carried into the cell anyway), and ``sys.argv`` as KERNEL_MAIN's.
-    """
+    In a process forked from the fork server, what a fresh interpreter has
+    differently is set as it would be: Python's SIGINT handler, the generators
+    of numpy and torch seeded afresh (random reseeds itself at a fork; the
+    notebook's own generator states are carried into the cell anyway), and
+    sys.argv.'''
+    agent = load_agent(agent_file)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if "numpy" in sys.modules:
-        try:
-            sys.modules["numpy"].random.seed()
-        except Exception:
-            pass
-    if "torch" in sys.modules:
-        try:
-            sys.modules["torch"].seed()
-        except Exception:
-            pass
+    for name, reseed in (("numpy", lambda m: m.random.seed()), ("torch", lambda m: m.seed())):
+        if name in sys.modules:
+            try:
+                reseed(sys.modules[name])
+            except Exception:
+                pass
     sys.argv = ["-c", agent_file, conn_file] + list(kernel_args)
-    agent = sys.modules["__link_agent__"]
     from ipykernel.kernelapp import IPKernelApp
 
     IPKernelApp.launch_instance(argv=[
@@ -209,6 +193,27 @@ def kernel_here(conn_file, agent_file, kernel_args):
         "--IPKernelApp.exec_lines=['__import__(\"__link_agent__\").install(get_ipython())']",
     ] + list(kernel_args))
     agent.exit_now(0)
+"""
+exec(KERNEL_CODE)
+#: What a fresh kernel interpreter runs: ``python -c KERNEL_MAIN AGENT_FILE CONN_FILE ARGS...``.
+KERNEL_MAIN = KERNEL_CODE + "\nbecome_kernel(sys.argv[1], sys.argv[2], sys.argv[3:])\n"
+
+
+def run_kernel(conn_file, agent_file, kernel_args):
+    """In the forked child: become the kernel, in a process group of its own."""
+    if FORKED.get("conn") is not None:
+        FORKED["conn"].close()  # the fork server's line to the supervisor that asked
+    os.setpgid(0, 0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    parent = "--IPKernelApp.parent_handle=%d" % os.getppid()  # it dies with its supervisor
+    if FORKED.get("agent_file") == agent_file:  # all it needs is imported: no exec
+        become_kernel(agent_file, conn_file, [parent] + list(kernel_args))
+    argv = [sys.executable, "-c", KERNEL_MAIN, agent_file, conn_file, parent] + list(kernel_args)
+    os.execv(sys.executable, argv)
 
 
 def node_address():
@@ -433,16 +438,7 @@ def unsafe_to_fork():
 
 def load_for_kernels(agent_file):
     """Import what every kernel needs; the reason it cannot fork, or None."""
-    import types
-
-    if sys.path and sys.path[0] == "":
-        del sys.path[0]
-    with open(agent_file) as f:
-        source = f.read()
-    agent = types.ModuleType("__link_agent__")
-    agent.__file__ = agent_file
-    exec(compile(source, agent_file, "exec"), agent.__dict__)
-    sys.modules["__link_agent__"] = agent
+    agent = load_agent(agent_file)  # noqa: F821 (defined by KERNEL_CODE)
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.zmqshell  # noqa: F401
@@ -527,6 +523,7 @@ def forked_by(name, argv):
         if not chunk:
             break
         data += chunk
+    line.close()
     return struct.unpack("!i", data)[0] if len(data) == 4 else 1
 
 
@@ -596,7 +593,10 @@ def hand_off(conn, listener, out, control):
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     gc.freeze()  # the child's collector leaves what is here alone: its pages stay shared
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no memory, no process left: its supervisor starts the kernel itself
+        pid = None
     if pid == 0:
         try:
             start_supervisor(conn, fds, request, [listener.fileno(), out, control])
@@ -608,19 +608,17 @@ def hand_off(conn, listener, out, control):
     return pid
 
 
-def reap(children, block=False):
-    """Reap ended children (and orphans adopted as subreaper)."""
+def reap(children):
+    """Reap ended children (and orphans adopted as subreaper), without waiting."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             children.clear()
             return
         if not pid:
             return
         children.discard(pid)
-        if block:
-            return
 
 
 #: Why a fork server ends when the router closed its line or went silent.
@@ -689,7 +687,10 @@ def serve(workdir, name, agent_file, dead_after):
         elif time.monotonic() - heard > dead_after:
             reason = GONE
         if listener in ready and reason is None:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # out of descriptors, say: the supervisor will give up and exec
+                continue
             changed = stale()
             if changed is not None:
                 conn.close()  # its supervisor starts the kernel itself
@@ -713,19 +714,7 @@ def serve(workdir, name, agent_file, dead_after):
     while children and time.monotonic() < deadline:
         time.sleep(0.05)
         reap(children)
-    deadline = time.monotonic() + 5.0  # what is left, and adopted orphans: killed, reaped
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if not pid:
-            for child in my_children():
-                try:
-                    os.kill(child, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.01)
+    reap_all(None, 5.0)  # what is left, and adopted orphans: killed, reaped
     report(out, "EXIT", {"status": 0, "reason": reason})
     return 0
 
