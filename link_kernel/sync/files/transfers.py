@@ -80,6 +80,18 @@ class _LocalFile:
         return written
 
 
+def increments(tick: Callable[[int], None]) -> Callable[[int, int], None]:
+    """paramiko's transfer ``callback(so_far, total)`` as byte increments to ``tick``."""
+    done = 0
+
+    def callback(so_far: int, total: int) -> None:
+        nonlocal done
+        tick(so_far - done)
+        done = so_far
+
+    return callback
+
+
 def _copy(src: Any, dst: Any, tick: Callable[[int], None]) -> None:
     while True:
         chunk = src.read(_CHUNK)
@@ -239,22 +251,11 @@ class _SFTPHost(_Host):
         super().__init__(fs, root)
         self.ftp = fs.ftp
 
-    @staticmethod
-    def _callback(tick: Callable[[int], None]) -> Callable[[int, int], None]:
-        done = 0
-
-        def callback(so_far: int, total: int) -> None:
-            nonlocal done
-            tick(so_far - done)
-            done = so_far
-
-        return callback
-
     def write(self, src, relpath, size, tick):
-        self.ftp.putfo(src, self.path(relpath), size, callback=self._callback(tick), confirm=False)
+        self.ftp.putfo(src, self.path(relpath), size, callback=increments(tick), confirm=False)
 
     def read(self, relpath, dst, tick):
-        self.ftp.getfo(self.path(relpath), dst, callback=self._callback(tick))
+        self.ftp.getfo(self.path(relpath), dst, callback=increments(tick))
 
     def set_attrs(self, relpath, mode, mtime_ns):
         seconds = mtime_ns // 10**9  # SFTP v3 carries whole seconds

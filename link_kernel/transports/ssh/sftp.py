@@ -8,10 +8,9 @@ It imports no other module of this package.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import os
 from collections import deque
+from collections.abc import Callable
 
 import paramiko
 from paramiko.sftp import (

@@ -26,6 +26,7 @@ import paramiko
 from ...agent import UNCHECKED
 from ...errors import ConnectionLostError, LinkError, TransferError
 from ...hosts import HostConfig
+from ...sync.files.transfers import increments
 from .. import LaunchSpec, Supervisor, Transport
 from .config import SSHHost
 from .connection import SSHConnection
@@ -45,18 +46,6 @@ Tick = Callable[[int], None]
 
 def _no_tick(n: int) -> None:
     pass
-
-
-def _counting(tick: Tick) -> Callable[[int, int], None]:
-    """paramiko's callback(so far, total) as increments to ``tick``."""
-    done = 0
-
-    def callback(so_far: int, total: int) -> None:
-        nonlocal done
-        tick(so_far - done)
-        done = so_far
-
-    return callback
 
 
 def _run_counted(argv: list[str], stdin: Any, stdout: Any, counted: Any, tick: Tick,
@@ -252,7 +241,7 @@ class SSHTransport(Transport):
             try:
                 with connection.locked_sftp() as sftp:
                     try:
-                        sftp.put(source, temp, callback=_counting(tick), confirm=True)
+                        sftp.put(source, temp, callback=increments(tick), confirm=True)
                         sftp.posix_rename(temp, target)
                     except (OSError, paramiko.SSHException, EOFError):
                         _quietly(sftp.remove, temp)
