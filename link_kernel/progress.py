@@ -55,6 +55,12 @@ class Step:
         self.over = True
         self.line._ended(self)
 
+    def __enter__(self) -> Step:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.end()
+
     def describe(self, now: float) -> str:
         waited = now - self.started
         if not self.total:
@@ -91,7 +97,7 @@ class ProgressLine:
         self._timer: asyncio.TimerHandle | None = None
 
     def step(self, what: str, total: int = 0) -> Step:
-        """Begin a step; call its :meth:`Step.end` when it is over."""
+        """Begin a step; end it with :meth:`Step.end` or use it as a context manager."""
         step = Step(self, what, total)
         if not self.closed:
             self.steps.append(step)

@@ -152,7 +152,7 @@ class LinkProvisioner(KernelProvisionerBase):
             kernel_args=[*REMOTE_KERNEL_ARGS, *kwargs.pop("kernel_args", [])],
             cwd=transport.workdir,
             prefix=prefix,
-            fork_server=self.fork_server if self.slurm is None else "",
+            fork_server=self.fork_server,
         )
         kwargs["cmd"] = self._spec.argv("<link_kernel.bootstrap>")
         return kwargs

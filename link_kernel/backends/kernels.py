@@ -399,7 +399,6 @@ class KernelLifecycle:
         modules the notebook uses now before it forks the standby."""
         if not self._last_blobs and self._forking(kernel):
             self._start_standby()
-            self._standby_early = self.standby is not None
 
     def _forking(self, kernel: RemoteKernel) -> bool:
         """True if the next kernel like this one comes from a serving fork server."""
@@ -424,15 +423,13 @@ class KernelLifecycle:
         A standby booted before the last cell made its data (see _next_standby_now)
         holds none of it: it is let go and a new one boots, which costs a fork.
         """
-        if self._standby_early and self._last_blobs and self._standby_blobs != self._last_blobs:
-            task, self.standby = self.standby, None
-            if task is None:
-                pass
-            elif task.done():
+        task = self.standby
+        if task is not None and self._last_blobs and self._standby_blobs != self._last_blobs:
+            self.standby = None
+            if task.done():
                 self._release_when_done(task)
             else:
                 task.add_done_callback(self._release_when_done)
-        self._standby_early = False
         if self.host.keeps_standby and self.standby is None and not self._closing:
             self._standby_blobs = list(self._last_blobs)
             self.standby = asyncio.ensure_future(self._boot_standby(self._standby_blobs))

@@ -118,8 +118,6 @@ class RemoteBackend(KernelLifecycle, Backend):
         self._last_blobs: list[str] = []
         #: The blobs the standby holds (or will): those of the cell before it booted.
         self._standby_blobs: list[str] = []
-        #: The standby was booted while a cell ran, before that cell made its data.
-        self._standby_early = False
         self._scan_id = uuid.uuid4().hex
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
@@ -405,13 +403,11 @@ class RemoteBackend(KernelLifecycle, Backend):
         transport = self._transport()
         missing = await transport.missing_blobs(ids)
         sizes = {v["id"]: v["size"] for v in inputs.values.values()}
+        size = sum(sizes[i] for i in missing)
         if missing:
-            step = self.progress.step(f"sending variables to {self.name}", sum(sizes[i] for i in missing))
-            try:
+            with self.progress.step(f"sending variables to {self.name}", size) as step:
                 await transport.push_blobs(str(self.sync.store), missing, step.add)
-            finally:
-                step.end()
-        self.last["sent"] += sum(sizes[i] for i in missing)
+        self.last["sent"] += size
 
     def _remote_scan(self, outputs: Outputs) -> dict[str, list] | None:
         """The host's scan after the cell: as sent, or the kept one with its changes."""
@@ -454,13 +450,11 @@ class RemoteBackend(KernelLifecycle, Backend):
         """Pull the outputs' blobs, then apply them locally all at once."""
         missing = self.sync.missing_locally(outputs)
         sizes = {v["id"]: v["size"] for v in outputs.values.values()}
+        size = sum(sizes[i] for i in missing)
         if missing:
-            step = self.progress.step(f"fetching variables from {self.name}", sum(sizes[i] for i in missing))
-            try:
+            with self.progress.step(f"fetching variables from {self.name}", size) as step:
                 await self._transport().pull_blobs(missing, str(self.sync.store), step.add)
-            finally:
-                step.end()
-        self.last["received"] = sum(sizes[i] for i in missing) + sum(
+        self.last["received"] = size + sum(
             {v["id"]: v["size"] for v in outputs.values.values() if "inline" in v}.values()
         )
         failures = await self.sync.apply(outputs)
