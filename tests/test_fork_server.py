@@ -177,6 +177,18 @@ def test_a_sigkilled_router_leaves_no_fork_server_kernel_or_zombie(remote, tmp_p
 # -- the fork server as the host runs it -------------------------------------------
 
 
+def read_report(stream, word: str, timeout: float = 60.0) -> dict:
+    """The payload of the next ``LINK WORD`` line a supervisor or fork server writes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline().decode()
+        if not line:
+            break
+        if line.startswith(f"LINK {word} "):
+            return json.loads(line.split(" ", 2)[2])
+    raise AssertionError(f"no {word} report")
+
+
 class Server:
     """``python -c BOOTSTRAP WORKDIR serve:NAME AGENT 10 -``, read line by line."""
 
@@ -184,6 +196,7 @@ class Server:
         (workdir / ".link").mkdir(parents=True, exist_ok=True)
         agent = workdir / ".link" / AGENT_NAME
         agent.write_text(AGENT)
+        self.workdir, self.agent = workdir, agent
         self.name = f"link-fork-test-{secrets.token_hex(6)}"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", BOOTSTRAP, str(workdir), f"serve:{self.name}", str(agent), f"{dead_after:g}", "-"],
@@ -192,14 +205,7 @@ class Server:
         )
 
     def report(self, word: str, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                break
-            if line.startswith(f"LINK {word} "):
-                return json.loads(line.split(" ", 2)[2])
-        raise AssertionError(f"no {word} report")
+        return read_report(self.proc.stdout, word, timeout)
 
     def send(self, line: str) -> None:
         self.proc.stdin.write(line.encode() + b"\n")
@@ -313,4 +319,42 @@ def test_a_router_gone_silent_ends_the_server(tmp_path):
         assert 1.5 < time.monotonic() - started < 10
         assert not server.accepts()
     finally:
+        server.close()
+
+
+def test_the_server_outlives_the_kernels_it_forked(tmp_path):
+    """The router's line to the server ends while a kernel it forked still runs: the server
+    waits for that kernel's supervisor (which ends on its own line), so none is orphaned."""
+    server = Server(tmp_path / "host")
+    supervisor = None
+    try:
+        server.report("READY")
+        conn_file = server.workdir / ".link" / "kernel.json"
+        conn_file.write_text(json.dumps({
+            "ip": "127.0.0.1", "transport": "tcp", "key": secrets.token_hex(16),
+            "signature_scheme": "hmac-sha256", "kernel_name": "",
+            **dict.fromkeys(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), 0)}))
+        supervisor = subprocess.Popen(
+            [sys.executable, "-c", BOOTSTRAP, str(server.workdir), str(conn_file), str(server.agent),
+             "10", server.name, "--HistoryManager.enabled=False"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        forked = read_report(supervisor.stdout, "HELLO")["pid"]  # the server's child
+        ready = read_report(supervisor.stdout, "READY")
+        assert ready["forked"] is True and forked != supervisor.pid
+        server.proc.stdin.close()  # the router is gone, for the server
+        time.sleep(1.0)
+        assert server.proc.poll() is None, "the server left a kernel it forked"
+        assert alive(ready["pid"])
+        supervisor.stdin.close()  # and for the kernel: its supervisor ends it
+        assert read_report(supervisor.stdout, "EXIT")["status"] is not None
+        assert supervisor.wait(timeout=30) == 0
+        assert server.proc.wait(timeout=30) == 0
+        assert gone_entirely([forked, ready["pid"]], timeout=5) == []
+    finally:
+        if supervisor is not None:
+            if supervisor.poll() is None:
+                supervisor.kill()
+            supervisor.wait()
+            for stream in (supervisor.stdin, supervisor.stdout):
+                stream.close()
         server.close()
