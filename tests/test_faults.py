@@ -9,6 +9,7 @@ finish, and that the next cell works.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -130,6 +131,44 @@ def test_a_reset_while_inputs_are_sent(link_faults, proxied, tmp_path):
     proxied.forward()
     after = link_faults.run("# link: flaky\nmark + 1")
     assert after.result == "2", after.text
+
+
+@pytest.mark.parametrize("size", [100_000, 200_000], ids=["channel", "openssh"])
+def test_a_reset_while_a_folder_of_files_goes_out(proxied, tmp_path, size):
+    """Many small files travel in one bundle; the link breaks in the middle of it."""
+    notebook = tmp_path / "notebook"
+    for i in range(300):  # 30 MB through a channel of the connection, 60 MB through OpenSSH
+        path = notebook / "data" / f"part{i % 7}" / f"{i:03}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+    client = start_client("link", cwd=str(notebook))
+    try:
+        client.run("mark = 1")
+        before = digest(client)
+        proxied.throttle(10_000_000)
+        host_data = tmp_path / "flaky-work" / "data"
+        watcher = _watch_for(host_data, ".bin", lambda: (time.sleep(0.5), proxied.blackhole(), proxied.reset()))
+        result = client.run("# link: flaky\nmark = 2", timeout=120)
+        watcher.join()
+        assert result.status == "error", result.text
+        assert result.error["ename"] in LOST
+        assert digest(client) == before
+        arrived = sum(1 for p in host_data.rglob("*.bin"))
+        assert 0 < arrived < 300, arrived  # the link broke in the middle of the bundle
+        proxied.throttle(0)
+        proxied.forward()
+        after = client.run(
+            "# link: flaky\nimport hashlib, pathlib\n"
+            "sorted((p.as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()) for p in pathlib.Path('data').rglob('*') if p.is_file())",
+            timeout=120,
+        )
+        assert after.status == "ok", after.text
+        here = sorted((p.relative_to(notebook).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+                      for p in (notebook / "data").rglob("*") if p.is_file())
+        assert eval(after.result) == here
+        assert [p for p in host_data.rglob("*") if p.name.startswith(".link-part-")] == []
+    finally:
+        client.shutdown()
 
 
 def test_a_reset_while_outputs_come_back(link_faults, proxied):

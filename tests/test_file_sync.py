@@ -149,3 +149,36 @@ def test_a_folder_too_big_to_sync_says_so_and_cells_still_run(remote, tmp_path):
         assert "too big" in sync.error["evalue"]
     finally:
         client.shutdown()
+
+
+def _folder_state(root: Path) -> dict:
+    import hashlib
+
+    return {
+        p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns,
+                                         p.stat().st_mode & 0o777)
+        for p in root.rglob("*") if p.is_file()
+    }
+
+
+def test_a_new_folder_of_many_files_arrives_whole_to_the_nanosecond(link_remote, remote):
+    """Many small files travel in one bundle (a channel of the connection, then an
+    OpenSSH client once they add up to 48 MiB); what the host has is what the notebook has."""
+    import random
+
+    here = notebook_dir(link_remote)
+    rng = random.Random(3)
+    measure = ("# link: {remote}\nimport hashlib, os\nfrom pathlib import Path\n"
+               "{{p.relative_to('{folder}').as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), "
+               "p.stat().st_mtime_ns, p.stat().st_mode & 0o777) "
+               "for p in Path('{folder}').rglob('*') if p.is_file()}}")
+    for folder, count, size in (("small", 60, 3000), ("images", 52, 2**20)):
+        for i in range(count):
+            path = here / folder / f"part{i % 5}" / f"{i:03}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(rng.randbytes(size - i))
+            path.chmod(0o600 if i % 3 else 0o750)
+            os.utime(path, ns=(1_700_000_000_123_456_789 + i * 1_001, 1_700_000_000_123_456_789 + i * 1_001))
+        result = link_remote.run(measure.format(remote=remote, folder=folder), timeout=300)
+        assert result.status == "ok", result.text
+        assert eval(result.result) == _folder_state(here / folder)

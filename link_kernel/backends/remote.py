@@ -482,9 +482,20 @@ class RemoteBackend(KernelLifecycle, Backend):
         fs = await transport.filesystem()
         files = self._filesync()
         files.progress = self._file_progress(f"sending files to {self.name}")
+        files.opener = self._opener(transport)
         report = await files.push(fs, transport.workdir, None)
         self._file_notes(report)
         return report
+
+    def _opener(self, transport: Transport) -> Callable[[str, list[str], int], Any]:
+        """How the file sync runs a python on the host for a bundle (from its worker thread)."""
+        loop = asyncio.get_running_loop()
+
+        def opener(code: str, args: list[str], size: int) -> Any:
+            python = asyncio.run_coroutine_threadsafe(self._python(""), loop).result()
+            return transport.python_pipe(python, code, args, size)
+
+        return opener
 
     async def pull_files(self, remote_now: dict[str, list], token: str = "") -> SyncReport:
         """Bring back what changed on the host, given the host's own scan (``token``)."""
@@ -507,6 +518,7 @@ class RemoteBackend(KernelLifecycle, Backend):
         remote_now = await transport.scan(
             transport.workdir, files.ignore.prune_dirs(), self.host.python or None
         )
+        files.opener = self._opener(transport)
         report = await files.sync(await transport.filesystem(), transport.workdir, remote_now)
         self._file_notes(report)
         return report

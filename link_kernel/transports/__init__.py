@@ -302,6 +302,12 @@ class Transport(abc.ABC):
             raise RemoteEnvironmentError(msg)
         return json.loads(out)
 
+    def python_pipe(self, python: str, code: str, args: list[str], size: int) -> Any:
+        """``python -c code *args`` on the host as a two-way byte stream
+        (:class:`~link_kernel.sync.files.bundle.Pipe`), ``size`` bytes to be sent into
+        it; None where the host's files are as near as the local ones (no bundle pays)."""
+        return None
+
     @abc.abstractmethod
     async def missing_blobs(self, ids: list[str]) -> list[str]:
         """The blobs of ``ids`` the host's store lacks (checked or not)."""

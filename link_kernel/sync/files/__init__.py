@@ -70,6 +70,7 @@ The package, one concept a module (each imports only those above it):
 - ``report``: :class:`SyncReport`;
 - ``transfers``: local files that count and hash, the host's side through fsspec;
 - ``base``: the base, a plan, one operation's run;
+- ``bundle``: many small files to the host in one stream, unpacked there by ``unpack``;
 - ``sync``: :class:`FileSync`, the three-way plans and what carries them out.
 """
 

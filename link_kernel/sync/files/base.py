@@ -89,6 +89,7 @@ class _Run:
         self.stop = threading.Event()
         self.base: _Base = _Base(host.root)
         self.remote_view: dict[str, Sig] | None = None  # the host's state after a push
+        self.opener = sync.opener  # a python on the host, for a bundle (.bundle.Opener)
         self.local_dirs: dict[str, tuple[str, str]] = {}
         self._remote_dirs: set[str] | None = None
         self.total = 0

@@ -22,6 +22,7 @@ from paramiko.ssh_exception import SSHException
 
 from ...errors import FileSyncError, TransferError
 from .base import _Base, _Plan, _Run
+from .bundle import Opener, send_small
 from .ignore import Ignore
 from .journal import Journal
 from .report import SyncReport
@@ -64,6 +65,9 @@ class FileSync:
     A file that cannot be synced (too large, a symlink leading out, a file here
     where the host has a directory...) is listed in ``SyncReport.skipped`` once,
     and again only if it changes.
+
+    ``opener``, if set, runs a python on the host (:data:`.bundle.Opener`): then
+    many small files go in one bundle.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class FileSync:
         self.journal = journal
         self.ignore = journal.ignore if journal is not None else Ignore(self.local_root)
         self.progress = progress
+        self.opener: Opener | None = None
         self._lock = threading.Lock()
         self._base: _Base | None = None
         #: Paths a pull left for the next push to look at (kept local versions).
@@ -504,7 +509,7 @@ class FileSync:
             else:
                 copies.append((path, lsig, False, rsig))
         run.total = sum(lsig[0] + (theirs[0] if theirs else 0) for _, lsig, _, theirs in copies)
-        for path, lsig, blind, theirs in copies:
+        for path, lsig, blind, theirs in send_small(run, copies, known, self.local_root, self._uploaded):
             run.check()
             if blind:  # the host's state is unknown: never overwrite a change made there
                 with _remote_errors(self.host, path, "checking"):
@@ -553,8 +558,12 @@ class FileSync:
             src = _LocalFile(f, path)
             with f, _remote_errors(self.host, path, "copying"):
                 rsig = host.put_file(src, path, lsig, run.ticker(path))
-            run.report.bytes += rsig[0]
             digest = src.digest
+        self._uploaded(run, path, lsig, rsig, digest)
+
+    def _uploaded(self, run: _Run, path: str, lsig: Sig, rsig: Sig, digest: str | None) -> None:
+        if digest is not None:
+            run.report.bytes += rsig[0]
         run.base.set(path, lsig, rsig, digest)
         run.report.uploaded.append(path)
         if run.remote_view is not None:

@@ -26,6 +26,7 @@ from .command import RemoteCommand
 from .config import SSHHost, _jump_host
 from .handshake import _open_tcp, _prefer_ciphers, _prefer_host_key_types, _start_client
 from .hostkeys import _check_host_key, _load_known_hosts
+from .pipes import ChannelPipe
 from .pump import _PUMP_CHUNK, _READ, _WINDOW_RETRY
 from .session import _Session
 from .sftp import SFTP_CHUNK, SFTP_WINDOW, _remove_quietly, _SFTPClient
@@ -238,6 +239,17 @@ class SSHConnection:
         finally:
             sel.close()
             chan.close()
+
+    def open_pipe(self, command: str) -> ChannelPipe:
+        """Start ``command`` on the host, its stdin and stdout a two-way stream (no pty)."""
+        session = self._live()
+        chan = session.open_session()
+        try:
+            chan.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            chan.close()
+            raise session.error(exc, f"starting {command[:60]!r}") from exc
+        return ChannelPipe(chan)
 
     def spawn(
         self,
