@@ -77,7 +77,8 @@ def push(pair: Pair, opener, *, known: bool = False):
 
 def tree(root: Path, count: int = 40) -> None:
     for i in range(count):
-        write(root / f"d{i % 4}" / f"sub{i % 3}" / f"f{i:03}.csv", random.Random(i).randbytes(100 + i * 37),
+        name = f"f{i:03}.csv" if i % 5 else f"f{i:03} données 数据.csv"
+        write(root / f"d{i % 4}" / f"sub{i % 3}" / name, random.Random(i).randbytes(100 + i * 37),
               mode=0o640 if i % 2 else 0o755, mtime=OLD + i * 1_000_003)
 
 
@@ -159,10 +160,10 @@ def test_a_host_edit_after_the_scan_is_kept(tmp_path):
         write(path, path.read_bytes() + b"local edit")
     for path in (pair.local / "d1").rglob("*.csv"):
         write(path, path.read_bytes() + b"local edit")
-    edited = pair.remote / "d1" / "sub2" / "f005.csv"
+    edited = pair.remote / "d1" / "sub2" / "f017.csv"
     report = push(pair, Opener(before=lambda: write(edited, "the host's edit")), known=True)
-    assert report.conflicts == [("d1/sub2/f005.csv", "d1/sub2/f005.from-gpu.csv")]
-    assert (pair.local / "d1/sub2/f005.from-gpu.csv").read_text() == "the host's edit"
+    assert report.conflicts == [("d1/sub2/f017.csv", "d1/sub2/f017.from-gpu.csv")]
+    assert (pair.local / "d1/sub2/f017.from-gpu.csv").read_text() == "the host's edit"
     assert edited.read_bytes().endswith(b"local edit")
 
 
