@@ -748,24 +748,26 @@ def _read_view(path: str, blob_id: str, write: bool) -> tuple:
         return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)), checked
 
 
-#: Values at least this big are copied into transparent huge pages.
+#: Values at least this big may be copied into transparent huge pages.
 _HUGE_MIN = 2 << 20
 
 
-def _private_copy(f, size: int) -> mmap.mmap:
+def _private_copy(f, size: int, huge: bool = False) -> mmap.mmap:
     """The ``size`` bytes of the open (unbuffered) file ``f``, read into anonymous memory.
 
-    Values from 2 MiB up ask for transparent huge pages (Linux, ``madvise`` mode
-    or ``always``). Measured here for 1 GiB, against a copy-on-write map made
-    private with MADV_POPULATE_WRITE: the copy takes 0.4 s instead of 0.73,
-    ``a *= 2`` over it 0.13 s instead of 0.19, and the process ends in 4 ms
-    instead of 73 (the kernel frees 512 pages, not 262,144), which is time a
-    released remote cell's reply waits for. Where huge pages are off, the
-    same code gets ordinary pages.
+    ``huge``: values from 2 MiB up ask for transparent huge pages (Linux,
+    ``madvise`` mode or ``always``). Measured here for 1 GiB of a file at rest:
+    the copy takes 0.15 s instead of 0.5, ``a *= 2`` over it 0.13 s instead of
+    0.19, and the process ends in 4 ms instead of 73 (the kernel frees 512 pages,
+    not 262,144). But 1 GiB of huge pages asked for just after a 1 GiB file was
+    written (the blob a cell's input just became, or just received) took 0.2-2.4 s
+    to get here, and the copy 2.2-2.3 s in six of six 1 GiB ``process`` cells
+    (0.5-0.6 s with ordinary pages). So only a standby's preload, off the cell's
+    path, asks for them.
     """
     private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
     mapped = mmap.mmap(-1, size, **private)  # shared anonymous memory gets no huge pages
-    if size >= _HUGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+    if huge and size >= _HUGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mapped.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
@@ -845,7 +847,7 @@ def preload(store: str, ids: list, budget: int) -> int:
                         continue
                     slot.started = True
                 with open(os.path.join(store, blob_id), "rb", buffering=0) as f:
-                    slot.copy = _private_copy(f, sizes[blob_id])
+                    slot.copy = _private_copy(f, sizes[blob_id], huge=True)
             except (OSError, ValueError, BlobError):
                 pass
             finally:
