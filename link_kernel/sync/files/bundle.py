@@ -30,7 +30,7 @@ from paramiko.ssh_exception import SSHException
 
 from ...errors import LinkError
 from .base import _Run
-from .signatures import HASH, PART_PREFIX, Sig, _ancestors
+from .signatures import _DIR, HASH, PART_PREFIX, Sig, _ancestors, _lstat
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ Opener = Callable[[str, list[str], int], "Pipe | None"]
 def unpack(root: "str", prefix: "str") -> "None":  # noqa: UP037
     """The host's side: read headers and bytes from stdin, answer on stdout.
 
-    Self-contained, standard library only, Python >= 3.8: hosts run it from
-    :data:`UNPACK_CODE`.
+    Standard library only, Python >= 3.8: hosts run it, with
+    :func:`.signatures._lstat`, from :data:`UNPACK_CODE`.
     """
     import json
     import os
@@ -118,18 +118,6 @@ def unpack(root: "str", prefix: "str") -> "None":  # noqa: UP037
             n -= moved
         return failed
 
-    def state(path):
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        mode = st.st_mode
-        if stat.S_ISREG(mode):
-            return [st.st_size, st.st_mtime_ns, stat.S_IMODE(mode), "f"]
-        if stat.S_ISLNK(mode):
-            return [0, st.st_mtime_ns, stat.S_IMODE(mode), "l", os.readlink(path)]
-        return "dir" if stat.S_ISDIR(mode) else "other"
-
     def unchanged(recorded, there):  # as the router's SFTP host judges it: whole seconds
         if recorded == there:
             return True
@@ -182,7 +170,7 @@ def unpack(root: "str", prefix: "str") -> "None":  # noqa: UP037
             answer("error", rel, "a folder on its path is not a folder")
             continue
         path = os.path.join(root, rel)
-        there = state(path)
+        there = _lstat(path)
         if there is not None and not unchanged(recorded, there):
             if not drop(size):
                 break
@@ -223,7 +211,8 @@ def unpack(root: "str", prefix: "str") -> "None":  # noqa: UP037
 
 #: What the host's python runs: ``python -c UNPACK_CODE ROOT``.
 UNPACK_CODE: str = (
-    inspect.getsource(unpack) + f"\nimport sys\nunpack(sys.argv[1], {PART_PREFIX!r})\n"
+    f"from __future__ import annotations\nimport os\nimport stat\nimport sys\n_DIR = {_DIR!r}\n\n" + inspect.getsource(_lstat) + "\n\n"
+    + inspect.getsource(unpack) + f"\nunpack(sys.argv[1], {PART_PREFIX!r})\n"
 )
 
 
