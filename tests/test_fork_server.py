@@ -358,3 +358,31 @@ def test_the_server_outlives_the_kernels_it_forked(tmp_path):
             for stream in (supervisor.stdin, supervisor.stdout):
                 stream.close()
         server.close()
+
+
+def test_run_all_keeps_a_spare_standby_that_goes_when_the_cells_stop(notebook, remote):
+    """Cells sent back to back come faster than a kernel boots: a second standby boots
+    behind the first, each cell still gets a fresh process of its own, and once no cell
+    has come for a second the spare is gone from the host."""
+    lineage(notebook, remote)  # the fork server is up
+    pids = []
+    for i in range(8):  # as Run All sends them: each the moment the last one is idle
+        result = notebook.run(f"# link: {remote}\nimport os\nprint(os.getpid())\nr{i} = {i}")
+        assert result.status == "ok", result.error
+        pids.append(int(result.stdout))
+    status = notebook.run("%link status").text
+    assert len(set(pids)) == 8, pids
+    assert "spare standby kernel" in status, status
+    assert notebook.run("r0 + r7").result == "7"  # the cells' results all came back
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "spare standby kernel starting" in status:
+        time.sleep(0.1)
+        status = notebook.run("%link status").text
+    spare = [int(w.split()[-1]) for w in status.split(", ") if w.startswith("spare standby kernel pid")]
+    assert spare, status
+    assert gone_entirely(spare, timeout=10) == [], status  # let go, not a zombie
+    assert gone_entirely(pids, timeout=10) == []
+    status = notebook.run("%link status").text
+    assert "spare" not in status and "standby kernel pid" in status, status  # one standby stays
+    (pid, _, server), _ = lineage(notebook, remote)  # the next cell takes that one
+    assert server and pid not in pids + spare

@@ -121,6 +121,13 @@ class RemoteBackend(KernelLifecycle, Backend):
         self._scan_id = uuid.uuid4().hex
         #: The next cell's kernel, booting or ready (warm standby).
         self.standby: asyncio.Future | None = None
+        #: The standbys after it: one boots while cells come back to back (see
+        #: kernels.KernelLifecycle._start_spare), each moves up when a cell takes one.
+        self._spares: list[asyncio.Future] = []
+        #: A cell waited for its standby and the cells since came less than
+        #: RUN_ALL_GAP apart: Run All, where a second standby pays for itself.
+        self._pressed = False
+        self._spares_timer: asyncio.TimerHandle | None = None
         self._closing = False
         #: The hash the host can compute fastest (from its first kernel's HELLO).
         self.algo: str | None = None
@@ -586,6 +593,10 @@ class RemoteBackend(KernelLifecycle, Backend):
             states.append(f"standby kernel pid {spare.pid}{holding}")
         elif self.standby is not None:
             states.append("standby kernel starting")
+        for task in self._spares:  # cells came back to back: one more boots behind it
+            ready = task.done() and not task.cancelled() and task.exception() is None
+            states.append(f"spare standby kernel pid {task.result().pid}" if ready
+                          else "spare standby kernel starting")
         for server in self._forks.values():
             if server.serving:
                 imported = f" with {', '.join(server.imported)} imported" if server.imported else ""
