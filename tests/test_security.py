@@ -239,6 +239,24 @@ def test_a_blob_loaded_for_writing_is_a_private_copy(tmp_path):
     assert agent.read_blob(str(tmp_path), blob_id)[-1] == 2**18 - 1
 
 
+def test_a_private_copy_over_several_reads_is_the_file_byte_for_byte(tmp_path, monkeypatch):
+    """The copy is read in chunks into memory mapped populated: every byte lands where it
+    belongs, the copy is writable, and a file shorter than it said is refused."""
+    monkeypatch.setattr(agent, "_READ_CHUNK", 4096)
+    data = os.urandom(3 * 4096 + 123)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    for huge in (False, True):
+        with open(path, "rb", buffering=0) as f:
+            copy = agent._private_copy(f, len(data), huge=huge)
+        assert copy[:] == data
+        copy[0] = data[0] ^ 0xFF  # private: the file stays as it was
+        assert path.read_bytes() == data
+        copy.close()
+    with open(path, "rb", buffering=0) as f, pytest.raises(agent.BlobError, match="ended at"):
+        agent._private_copy(f, len(data) + 1)
+
+
 def test_a_preloaded_blob_is_a_private_copy_used_once(tmp_path):
     import numpy as np
 
