@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -194,7 +195,15 @@ def _process_bound_types() -> tuple:
     subprocess = sys.modules.get("subprocess")
     if subprocess is not None:
         kinds.append(subprocess.Popen)
+    import weakref
+
+    kinds += [weakref.ref, weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet]
     return tuple(kinds)
+
+
+#: Files that are only memory (``%%capture``'s output, a buffer a figure was saved to):
+#: they travel with their content and position.
+_IN_MEMORY = (io.StringIO, io.BytesIO)
 
 
 class Refused(TypeError):
@@ -207,7 +216,50 @@ def _refusal(obj) -> str:
     if isinstance(obj, (types.CoroutineType, types.AsyncGeneratorType)):
         return "a running coroutine cannot be sent"
     kind = type(obj).__name__
+    if type(obj).__module__ == "weakref" or isinstance(obj, __import__("weakref").ref):
+        return f"a {kind} refers weakly to objects of the process that made it and cannot be sent"
     return f"a {kind} belongs to the process that made it and cannot be sent"
+
+
+#: reverted: dill's import undone in pickle's table; notebook: the notebook imported dill
+_DILL = {"reverted": False, "notebook": False}
+
+
+def _dill():
+    """dill, without the change its import makes to pickle's own registry.
+
+    Importing dill puts its functions into the pure-Python pickler's table
+    (``pickle._Pickler.dispatch``), where a pickler that is not dill's (joblib's)
+    fails on them: ``joblib.dump`` of a notebook class raised a TypeError in
+    every kernel Link had loaded dill into. A plain kernel has no dill until the
+    notebook imports it; then :func:`_dill_for_the_notebook` puts the table back
+    as dill's import would have.
+    """
+    import dill
+
+    if not _DILL["reverted"] and not _DILL["notebook"]:
+        _DILL["reverted"] = True
+        dill.extend(False)
+    return dill
+
+
+def _dill_for_the_notebook(shell) -> None:
+    """After a cell: if the notebook imported dill (bound it or a name from it), dill
+    extends pickle's registry, as its own import does, once."""
+    dill = sys.modules.get("dill")
+    if dill is None or _DILL["notebook"] or not _DILL["reverted"]:
+        return
+    for value in list(shell.user_ns.values()):
+        if isinstance(value, types.ModuleType):
+            home = value.__name__
+        elif isinstance(value, (types.FunctionType, type)):
+            home = value.__module__
+        else:
+            continue
+        if isinstance(home, str) and home.partition(".")[0] == "dill":
+            _DILL["notebook"] = True
+            dill.extend(True)
+            return
 
 
 _PICKLER = None
@@ -225,7 +277,7 @@ def _pickler_class():
     global _PICKLER
     if _PICKLER is not None:
         return _PICKLER
-    import dill
+    dill = _dill()
 
     bound = _process_bound_types()
 
@@ -242,11 +294,15 @@ def _pickler_class():
             if numpy is not None and type(obj) is numpy.ndarray and not obj.dtype.hasobject:
                 return obj.__reduce_ex__(5)
             if type(obj) is types.FunctionType or isinstance(obj, type):
+                enum = _enum_reduction(obj)
+                if enum is not None:
+                    self.reached.add(obj.__name__)
+                    return enum
                 return _code_reference(obj, self.reached)
             widget = _widget_reduction(obj)
             if widget is not None:
                 return widget
-            if isinstance(obj, bound):
+            if isinstance(obj, bound) and type(obj) not in _IN_MEMORY:
                 closed = _closed_file(obj)
                 if closed is not None:
                     return closed
@@ -254,6 +310,11 @@ def _pickler_class():
             with_grad = _tensor_with_grad(obj)
             if with_grad is not None:
                 return with_grad
+            scheduler = _scheduler_reduction(obj)
+            if scheduler is not None:
+                return scheduler
+            if type(obj) is functools.cached_property:  # (its lock, before 3.12, would refuse it)
+                return _rebuilt_cached_property, (obj.func, obj.attrname, obj.__doc__)
             moved = _to_host_memory(obj)
             if moved is not None:
                 return _identity, (moved,)
@@ -337,6 +398,49 @@ def _rebuilt_with_grad(rebuild, args, grad):
     tensor = rebuild(*args)
     tensor.grad = grad
     return tensor
+
+
+def _scheduler_reduction(obj):
+    """The reduction of a torch learning-rate scheduler; None for anything else.
+
+    A scheduler wraps its optimizer's ``step`` to check the order of the two
+    calls, and the optimizer's pickle leaves the wrapper out: the first
+    ``scheduler.step()`` after the trip warned that ``optimizer.step()`` had been
+    overridden. The scheduler travels as its attributes and wraps it again.
+    """
+    schedulers = sys.modules.get("torch.optim.lr_scheduler")
+    kind = getattr(schedulers, "LRScheduler", None)
+    if kind is None or not isinstance(obj, kind) or not isinstance(getattr(obj, "__dict__", None), dict):
+        return None
+    wrapped = hasattr(getattr(getattr(obj, "optimizer", None), "step", None), "_wrapped_by_lr_sched")
+    return _rebuilt_scheduler, (type(obj), dict(vars(obj)), wrapped)
+
+
+def _rebuilt_cached_property(func, attrname, doc):
+    made = functools.cached_property(func)
+    made.attrname, made.__doc__ = attrname, doc
+    return made
+
+
+def _rebuilt_scheduler(kind, state: dict, wrapped: bool):
+    scheduler = kind.__new__(kind)
+    scheduler.__dict__.update(state)
+    optimizer = state.get("optimizer")
+    step = getattr(optimizer, "step", None)
+    if wrapped and not hasattr(step, "_wrapped_by_lr_sched") and hasattr(step, "__func__"):
+        # a method of the optimizer (not a closure over it, as torch's is): one
+        # merged into the local optimizer becomes that optimizer's (see _relink)
+        optimizer.step = types.MethodType(_counted_step, optimizer)
+    return scheduler
+
+
+def _counted_step(optimizer, *args, **kwargs):
+    """torch's wrapper of a scheduled optimizer's step: note the call, then step."""
+    optimizer._opt_called = True
+    return type(optimizer).step(optimizer, *args, **kwargs)
+
+
+_counted_step._wrapped_by_lr_sched = True
 
 
 # -- widgets ---------------------------------------------------------------------------
@@ -503,7 +607,8 @@ def _update_widget(widget, values: dict, observers: list) -> None:
 
 # The functions a pickle calls to rebuild a value are named as the agent's, which
 # every kernel has under this name (a host has no link_kernel package).
-for _rebuild in (_identity, _rebuilt_with_grad, _closed_file_like, _widget_like, _set_widget_state):
+for _rebuild in (_identity, _rebuilt_with_grad, _rebuilt_scheduler, _rebuilt_cached_property,
+                 _closed_file_like, _widget_like, _set_widget_state):
     _rebuild.__module__ = NAME
 if __name__ in sys.modules:  # (a host's kernel registers the agent once it is loaded)
     sys.modules.setdefault(NAME, sys.modules[__name__])
@@ -527,6 +632,17 @@ def _code_reference(obj, reached: set):
         code = getattr(obj, "__code__", None)
         if code is not None:
             reached |= _code_globals(code)
+        elif isinstance(obj, type) and "__slotnames__" not in vars(obj):
+            # what pickling its first instance caches on it, so that the class pickles
+            # the same before and after (else a cell that only used it changed it)
+            import copyreg
+
+            copyreg._slotnames(obj)
+        name = getattr(obj, "__name__", None)
+        if isinstance(name, str) and getattr(obj, "__qualname__", None) == name:
+            # its own name too: code that pickles by reference (pickle, joblib,
+            # multiprocessing) finds it in ``__main__``, as in the local kernel
+            reached.add(name)
         return NotImplemented
     qualname = getattr(obj, "__qualname__", None)
     home = sys.modules.get(module) if isinstance(module, str) else None
@@ -538,6 +654,55 @@ def _code_reference(obj, reached: set):
         if found is _MISSING:
             return NotImplemented
     return qualname if found is obj else NotImplemented
+
+
+def _from_notebook(attr) -> bool:
+    """Whether a class attribute is code the notebook wrote (a method, a property...)."""
+    for inner in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None)):
+        if getattr(inner, "__module__", None) == "__main__" and callable(inner):
+            return True
+    return False
+
+
+def _enum_reduction(cls):
+    """The reduction of an Enum class the notebook defined; None for anything else.
+
+    dill cannot copy one by value (its members refer to their class), so it
+    travels as what its body said: its members' values and the notebook's own
+    methods, properties and hooks (``_missing_``), replayed through its
+    metaclass on arrival. A custom ``__new__`` is left to dill.
+    """
+    enum = sys.modules.get("enum")
+    if enum is None or not isinstance(cls, enum.EnumMeta) or cls.__module__ != "__main__":
+        return None
+    own = vars(cls)
+    members = own.get("_member_map_")
+    if not isinstance(members, dict) or _from_notebook(own.get("_new_member_")):
+        return None
+    body = [(k, v) for k, v in own.items() if k not in members and _from_notebook(v)]
+    if isinstance(own.get("__doc__"), str):
+        body.append(("__doc__", own["__doc__"]))
+    values = [(k, m._value_) for k, m in members.items()]
+    return _rebuilt_enum, (type(cls), cls.__name__, cls.__qualname__, cls.__bases__, body, values)
+
+
+def _rebuilt_enum(metaclass, name, qualname, bases, body, members):
+    home = _home(qualname, metaclass)
+    if home is not None and type(home) is metaclass and home.__bases__ == tuple(bases) \
+            and [(k, m._value_) for k, m in home._member_map_.items()] == members \
+            and all(_codes(vars(home).get(k)) == _codes(v) for k, v in body if k != "__doc__"):
+        return home
+    namespace = metaclass.__prepare__(name, bases)
+    namespace["__module__"], namespace["__qualname__"] = "__main__", qualname
+    for key, value in [*body, *members]:
+        namespace[key] = value
+    made = metaclass(name, bases, namespace)
+    if qualname == name:
+        _HOMES[name] = made
+    return made
+
+
+_rebuilt_enum.__module__ = NAME
 
 
 #: Bytecodes that name a global (or, in a class body, a name resolved as one).
@@ -989,6 +1154,7 @@ def _note_baseline() -> None:
 
         _BASE.update(environ=dict(os.environ), path=list(sys.path), cwd=os.getcwd(),
                      warnings=list(warnings.filters))
+        _BASE["logging"] = _get_logging()
 
 
 def _environ_diff(before: dict) -> dict:
@@ -1023,6 +1189,30 @@ def _path_additions(before: list) -> list:
         else:
             out.append([i < first, "abs", entry])
     return out
+
+
+def _cwd_inside() -> str | None:
+    """The working directory relative to the notebook's folder (its mirror on a host):
+    "." there, None outside it (that one cannot be named on the other side)."""
+    base = _BASE.get("cwd")
+    try:
+        here = os.getcwd()
+    except OSError:  # deleted under the kernel
+        return None
+    if not base or not (here == base or here.startswith(base.rstrip(os.sep) + os.sep)):
+        return None
+    return os.path.relpath(here, base)
+
+
+def _restore_cwd(relative: str) -> None:
+    """``os.chdir`` into the folder the other side's cell left it in (a folder of
+    the notebook's, created if a cell's files have not arrived yet)."""
+    base = _BASE.get("cwd")
+    if base and isinstance(relative, str) and not os.path.isabs(relative) \
+            and not relative.split(os.sep)[0] == os.pardir:
+        target = os.path.normpath(os.path.join(base, relative))
+        os.makedirs(target, exist_ok=True)
+        os.chdir(target)
 
 
 def _restore_path(additions: list) -> None:
@@ -1177,6 +1367,93 @@ def _set_inline(settings: dict, shell=None) -> None:
         setattr(cfg, key, value)
 
 
+_LOG_STYLES = {"PercentStyle": "%", "StrFormatStyle": "{", "StringTemplateStyle": "$"}
+
+
+def _log_handler(handler):
+    """A handler that prints into the cell (a stream handler on sys.stdout or
+    sys.stderr), as what makes it again; None for any other handler."""
+    logging = sys.modules["logging"]
+    if type(handler) is not logging.StreamHandler or handler.stream not in (sys.stdout, sys.stderr):
+        return None
+    form = handler.formatter
+    return {"stream": "stdout" if handler.stream is sys.stdout else "stderr", "level": handler.level,
+            "fmt": getattr(form, "_fmt", None), "datefmt": getattr(form, "datefmt", None),
+            "style": _LOG_STYLES.get(type(getattr(form, "_style", None)).__name__, "%")}
+
+
+def _get_logging():
+    """The loggers the notebook configured: levels, and handlers printing into cells
+    (``logging.basicConfig(level=logging.INFO)``); {} for logging as the kernel started
+    (and dill's logger, which Link's own import of dill configures)."""
+    logging = sys.modules["logging"]
+    loggers = [("", logging.root)] + sorted(
+        (n, v) for n, v in logging.root.manager.loggerDict.items() if isinstance(v, logging.Logger))
+    base = _BASE.get("logging", {})
+    out = {}
+    for name, logger in loggers:
+        handlers = [h for h in map(_log_handler, logger.handlers) if h is not None]
+        level = logger.level != (logging.WARNING if name == "" else logging.NOTSET)
+        entry = {"level": logger.level, "handlers": handlers, "propagate": logger.propagate}
+        if (handlers or level) and entry != base.get(name) and name.partition(".")[0] != "dill":
+            out[name] = entry
+    return out
+
+
+def _set_logging(state: dict) -> None:
+    logging = _module("logging")
+    if "" not in state:
+        state = {"": {"level": logging.WARNING, "handlers": [], "propagate": True}, **state}
+    for name, entry in state.items():
+        logger = logging.getLogger(name) if name else logging.root
+        logger.setLevel(entry["level"])
+        logger.propagate = entry["propagate"]
+        for handler in list(logger.handlers):
+            if _log_handler(handler) is not None:
+                logger.removeHandler(handler)
+        for made in entry["handlers"]:
+            handler = logging.StreamHandler(sys.stdout if made["stream"] == "stdout" else sys.stderr)
+            handler.setLevel(made["level"])
+            handler.setFormatter(logging.Formatter(made["fmt"], made["datefmt"], made["style"]))
+            logger.addHandler(handler)
+
+
+#: figure format -> (mime type, pylabtools function, its arguments), as IPython selects them
+_FIGURE_FORMATS = {
+    "png": ("image/png", "print_figure", {"fmt": "png", "base64": True}),
+    "retina": ("image/png", "retina_figure", {"base64": True}),
+    "png2x": ("image/png", "retina_figure", {"base64": True}),
+    "jpeg": ("image/jpeg", "print_figure", {"fmt": "jpg", "base64": True}),
+    "jpg": ("image/jpeg", "print_figure", {"fmt": "jpg", "base64": True}),
+    "svg": ("image/svg+xml", "print_figure", {"fmt": "svg"}),
+    "pdf": ("application/pdf", "print_figure", {"fmt": "pdf", "base64": True}),
+}
+
+
+def _figure_formats_by_name(shell, settings: dict) -> None:
+    """The inline backend's figure formatters, registered by the Figure's name.
+
+    In a plain kernel, a figure shown as a cell's value (``fig`` on the last
+    line) is an image once the inline backend has loaded, in any later cell. A
+    fresh kernel loads it only when pyplot draws; a figure that arrived as an
+    input showed as its repr. Registered by name, a cell with no figure imports
+    no matplotlib; the backend, if it loads, replaces them with its own.
+    """
+    formatters = shell.display_formatter.formatters
+    kwargs = dict(settings.get("print_figure_kwargs") or {})
+    for fmt in sorted(settings.get("figure_formats") or ()):
+        mime, how, extra = _FIGURE_FORMATS.get(fmt, (None, None, None))
+        if mime in formatters:
+            printer = functools.partial(_print_figure, how, {**extra, **kwargs})
+            formatters[mime].for_type_by_name("matplotlib.figure", "Figure", printer)
+
+
+def _print_figure(how: str, kwargs: dict, figure):
+    from IPython.core import pylabtools
+
+    return getattr(pylabtools, how)(figure, **kwargs)
+
+
 def _pandas_options():
     config = sys.modules["pandas._config.config"]
     return {k: o for k, o in config._registered_options.items() if k not in config._deprecated_options}
@@ -1254,6 +1531,7 @@ _MODULE_STATE = {
     "matplotlib": ("matplotlib", _get_matplotlib, _set_matplotlib),
     "inline": ("matplotlib_inline.config", _get_inline, _set_inline),
     "pandas": ("pandas", _get_pandas, _set_pandas),
+    "logging": ("logging", _get_logging, _set_logging),
 }
 
 
@@ -1289,6 +1567,7 @@ def capture_state(shell, algo: str, first=()) -> dict:
 
     Only what differs from a fresh kernel: the environment and sys.path as changes
     since this kernel started (host variables such as HOME, PATH and JPY_* aside),
+    the working directory if a cell moved it into a folder of the notebook's,
     warnings filters if they changed, rcParams, pandas options and numpy print
     options that differ from their defaults (for the modules imported here); the generators always, for
     the modules imported here. Also the modules the notebook uses (a standby
@@ -1304,6 +1583,9 @@ def capture_state(shell, algo: str, first=()) -> dict:
     filters = _filter_additions(_BASE.get("warnings", _get_warnings()))
     if filters:
         values["warnings"] = filters
+    cwd = _cwd_inside()
+    if cwd not in (None, "."):
+        values["cwd"] = cwd
     sections, errors = {}, {}
     for name, value in values.items():
         try:
@@ -1343,11 +1625,15 @@ def restore_state(shell, sections: dict) -> list:
                 _restore_path(value)
             elif name == "warnings":
                 _set_warnings(value, shell)
+            elif name == "cwd":
+                _restore_cwd(value)
             elif name in _MODULE_STATE:
                 module, _, put = _MODULE_STATE[name]
                 setter = (lambda v, put=put: put(v, shell)) if name == "inline" else put
                 if module not in sys.modules:  # what it is until its module is imported
                     _DEFERRED[name] = entry
+                    if name == "inline" and shell is not None:
+                        _figure_formats_by_name(shell, value)
                 else:
                     _DEFERRED.pop(name, None)
                 _when_imported(module, functools.partial(_set_deferred, name, setter, value, entry))
@@ -1370,6 +1656,7 @@ class CellState:
         self.environ = dict(os.environ)
         self.path = list(sys.path)
         self.warnings = _get_warnings()
+        self.cwd = _cwd_inside()
         #: section -> id before the cell; a section still waiting for its import has
         #: the id of what it will be set to
         self.ids = {k: v["id"] for k, v in (sent.get("sections") or {}).items()}
@@ -1392,6 +1679,9 @@ class CellState:
         filters = _filter_additions(self.warnings)
         if filters:
             values["warnings"] = filters
+        cwd = _cwd_inside()
+        if cwd != self.cwd and cwd is not None:
+            values["cwd"] = cwd
         for name, value in values.items():
             try:
                 entry = _state_entry(value, self.algo)
@@ -1600,8 +1890,6 @@ def _load(blob_id: str, view: memoryview, check: bool = True):
     for n in header["buffers"]:
         buffers.append(view[offset : offset + n])
         offset += n + _pad(n)
-    import dill
-
     return _unpickle(pickled, buffers)
 
 
@@ -1663,19 +1951,25 @@ def _referenced_globals(value, ns: dict) -> set:
     return {n for n in names if n in ns}
 
 
-def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -> str:
+def export(shell, names: list, store: str, algo: str, placeholders: list = (),
+           everything: bool = False) -> str:
     """Write the named values of the user namespace as blobs (local side).
 
     Notebook functions and classes bring along the notebook names they use.
     Returns a JSON manifest: {"values": {name: {id, size, type}},
     "modules": {name: module}, "errors": {name: {type, reason}}, "missing": [...],
     "placeholders": [...]}: ``placeholders`` are names whose value the cell never
-    uses (it only deletes them); only whether they exist is reported.
+    uses (it only deletes them); only whether they exist is reported. With
+    ``everything`` (the cell lists the namespace), every other user name goes
+    too, unless it cannot be sent: that one is left out, not an error.
     """
     ns = shell.user_ns
     manifest: dict = {"values": {}, "modules": {}, "errors": {}, "missing": []}
     manifest["placeholders"] = [n for n in placeholders if n in ns and _is_user_name(shell, n)]
     todo = list(dict.fromkeys(names))
+    optional = [n for n in user_names(shell) if n not in todo and n not in placeholders] \
+        if everything else []
+    todo += optional
     seen = set(todo)
     values: dict = {}
     done: dict = {}
@@ -1692,7 +1986,8 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
         try:
             done[name] = _tracked_blob(value, algo)
         except Exception as exc:
-            manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
+            if name not in optional:
+                manifest["errors"][name] = {"type": _type_name(value), "reason": _reason(exc)}
         else:
             values[name] = value
         for extra in sorted(_referenced_globals(value, ns) - seen):  # found by the pickling
@@ -1700,7 +1995,8 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
                 seen.add(extra)
                 todo.append(extra)
     manifest["values"], errors = _describe_all(values, algo, store, done=done)
-    manifest["errors"].update(errors)
+    manifest["errors"].update((n, e) for n, e in errors.items() if n not in optional)
+    manifest["notes"] = _cache_notes(values)
     manifest["unsent"] = unsent_names(shell, seen)
     _EXPORTED.clear()
     _EXPORTED.update(_last_memos)
@@ -1709,6 +2005,23 @@ def export(shell, names: list, store: str, algo: str, placeholders: list = ()) -
 
 
 _last_memos: dict = {}
+
+
+def _cache_notes(values: dict) -> list:
+    """A line for each input that is a function with a filled ``lru_cache``: the cache
+    stays here, and the remote cell's copy starts empty."""
+    kind = getattr(functools, "_lru_cache_wrapper", None)
+    notes = []
+    for name, value in values.items():
+        if kind is not None and isinstance(value, kind):
+            try:
+                filled = value.cache_info().currsize
+            except Exception:
+                continue
+            if filled:
+                notes.append(f"{name}: its cache ({filled} results) stays in the local kernel; "
+                             "the remote cell's copy starts empty")
+    return notes
 
 
 def _describe_all(values: dict, algo: str, store: str, origin: dict = None,
@@ -1815,7 +2128,7 @@ def apply(shell, values: dict, deleted: list, store: str, modules: dict = None) 
 
 def warm() -> None:
     """Import what moving variables needs, before a cell waits for it (~25 ms)."""
-    import dill  # noqa: F401
+    _dill()
 
     try:
         import xxhash  # noqa: F401
@@ -1862,14 +2175,110 @@ def _note_memo(memo: dict) -> None:
 def _unpickle(pickled, buffers):
     import io
 
-    import dill
-
-    if not _MEMO["want"]:
-        return dill.loads(pickled, buffers=buffers)
-    unpickler = dill.Unpickler(io.BytesIO(pickled), buffers=buffers)
+    unpickler = _unpickler_class()(io.BytesIO(pickled), buffers=buffers)
     value = unpickler.load()
-    _MEMO["loaded"] = unpickler.memo.copy()
+    if _MEMO["want"]:
+        _MEMO["loaded"] = unpickler.memo.copy()
     return value
+
+
+# -- a notebook's classes and functions keep their identity ----------------------------
+#
+# dill copies a class or function the notebook defined by value, and unpickling makes a
+# new one each time: instances that came back from a remote cell were not instances of
+# the local class (isinstance failed), and two inputs loaded apart had two classes. A
+# copy made from the same definition as the one ``__main__`` holds (or as one this load
+# already made) is that one instead. The same definition: the same code, compiled from
+# the same cell file (whose name holds the kernel's pid), so a class a remote cell
+# redefined is a new class, as it would be locally.
+
+_UNPICKLER = None
+#: name -> the class or function a load made or found for it (reset by each load)
+_HOMES: dict = {}
+
+
+def _unpickler_class():
+    global _UNPICKLER
+    if _UNPICKLER is None:
+        dill = _dill()
+
+        made = {"_create_type": _homed_type, "_create_function": _homed_function}
+
+        class Unpickler(dill.Unpickler):
+            def find_class(self, module, name):
+                if module in ("dill._dill", "dill.dill") and name in made:
+                    return made[name]
+                return super().find_class(module, name)
+
+        _UNPICKLER = Unpickler
+    return _UNPICKLER
+
+
+def _code_key(code) -> tuple:
+    return (code.co_filename, code.co_firstlineno, code.co_qualname if hasattr(code, "co_qualname")
+            else code.co_name, code.co_code)
+
+
+def _codes(attr) -> list:
+    """The code objects of a class attribute that is a function, a method or a property."""
+    inner = [attr, getattr(attr, "__func__", None)]
+    inner += [attr.func] if isinstance(attr, functools.cached_property) else []
+    inner += [getattr(attr, f, None) for f in ("fget", "fset", "fdel")] if isinstance(attr, property) else []
+    return [_code_key(f.__code__) for f in inner if isinstance(f, types.FunctionType)]
+
+
+def _same_body(home, body: dict) -> bool:
+    """Whether ``home``'s own attributes are the code of ``body``, name for name."""
+    own = {k: v for k, v in vars(home).items() if k not in _NOT_BODY and not k.startswith("_abc_")}
+    slots = getattr(home, "__slots__", ())
+    if set(own) - set(body) - set([slots] if isinstance(slots, str) else slots or ()):
+        return False
+    return all(k in own and _codes(own[k]) == _codes(v) for k, v in body.items() if k not in _NOT_BODY)
+
+
+#: What a class gains by being used (pickling an instance caches ``__slotnames__``).
+_NOT_BODY = frozenset({"__dict__", "__weakref__", "__slotnames__"})
+
+
+def _home(name: str, kind):
+    """What this load made, or ``__main__`` holds, under the top-level ``name``."""
+    found = _HOMES.get(name)
+    if found is None:
+        found = getattr(sys.modules.get("__main__"), name, None)
+    if isinstance(found, kind) and getattr(found, "__module__", None) == "__main__" \
+            and getattr(found, "__qualname__", None) == name:
+        return found
+    return None
+
+
+def _same_defaults(a, b) -> bool:
+    try:
+        return bool(a.__defaults__ == b.__defaults__ and a.__kwdefaults__ == b.__kwdefaults__)
+    except Exception:  # (an array as a default: its == is no bool)
+        return False
+
+
+def _homed_type(metaclass, name, bases, body):
+    home = _home(name, type)
+    if home is not None and type(home) is metaclass and home.__bases__ == tuple(bases) \
+            and _same_body(home, body):
+        return home
+    made = metaclass(name, bases, body)
+    if body.get("__module__") == "__main__":
+        _HOMES[name] = made
+    return made
+
+
+def _homed_function(fcode, fglobals, fname=None, *args):
+    made = _dill()._dill._create_function(fcode, fglobals, fname, *args)
+    if getattr(made, "__module__", None) != "__main__" or made.__qualname__ != made.__name__:
+        return made  # (dill sets the qualified name after; a nested one has its own)
+    home = _home(made.__name__, types.FunctionType)
+    if home is not None and _code_key(home.__code__) == _code_key(fcode) \
+            and _same_defaults(home, made):
+        return home
+    _HOMES[made.__name__] = made
+    return made
 
 
 def _pairable(obj) -> bool:
@@ -1967,6 +2376,7 @@ class _Loader:
     under its :func:`_source_key` (two values of the same content are two objects)."""
 
     def __init__(self, store: str, memos: bool) -> None:
+        _HOMES.clear()
         self.store = store
         self.memos = memos
         self.loaded: dict = {}  # source key -> value (a tuple for a group)
@@ -2106,6 +2516,8 @@ def _relink(value, m, seen: set):
         items = tuple(_relink(x, m, seen) for x in value)
         if any(a is not b for a, b in zip(items, value)):
             return items
+    elif isinstance(value, types.MethodType) and id(value.__self__) in m.pairs:
+        return types.MethodType(value.__func__, m(value.__self__))  # the local object's method
     elif _pairable(value):
         state = getattr(value, "__dict__", None)
         if isinstance(state, dict):
@@ -2433,6 +2845,7 @@ def install(shell, wrap: bool = True) -> None:
         """Handled by the Link router; a no-op inside a kernel."""
 
     shell.register_magic_function(link, "line", "link")
+    shell.events.register("post_run_cell", lambda result: _dill_for_the_notebook(shell))
     kernel = getattr(shell, "kernel", None)
     handlers = getattr(kernel, "shell_handlers", None)
     if wrap and handlers is not None and "execute_request" in handlers:

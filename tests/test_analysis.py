@@ -354,6 +354,27 @@ def test_inplace(code: str, inplace: set[str]) -> None:
     assert names.inplace <= names.reads
 
 
+@pytest.mark.parametrize(
+    ("code", "everything"),
+    [
+        pytest.param("%who", True, id="who"),
+        pytest.param("%whos", True, id="whos"),
+        pytest.param("names = %who_ls", True, id="who_ls"),
+        pytest.param("'df' in dir()", True, id="dir"),
+        pytest.param("sorted(globals())", True, id="globals"),
+        pytest.param("def f():\n    return globals()['x']", True, id="globals-in-a-function"),
+        pytest.param("for k in list(vars()):\n    pass", True, id="vars"),
+        pytest.param("def f():\n    return dir()", False, id="dir-in-a-function"),
+        pytest.param("dir(np)", False, id="dir-of-a-value"),
+        pytest.param("vars(obj)", False, id="vars-of-a-value"),
+        pytest.param("%timeit x + 1", False, id="other-magic"),
+        pytest.param("class C:\n    names = locals()", False, id="locals-in-a-class"),
+    ],
+)
+def test_a_cell_that_lists_the_namespace_reads_everything(code: str, everything: bool) -> None:
+    assert analyze(code).everything is everything
+
+
 def test_star_import() -> None:
     names = analyze("from numpy import *\nx = array(y)")
     assert names.star_import

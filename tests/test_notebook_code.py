@@ -223,3 +223,165 @@ def test_a_name_reached_dynamically_says_how_to_send_it(link_remote, remote):
     assert link_remote.run(f"# link: {remote} in=size_of,df1\nsize_of('df1')").result == "2"
     nowhere = link_remote.run(f"# link: {remote}\nsize_of('nowhere')")
     assert nowhere.error["evalue"] == "name 'nowhere' is not defined"
+
+
+#: Notebook types as tutorials write them: an Enum with methods and a hook, a dataclass
+#: that holds one, a plain class, and a function a partial holds.
+TYPES = (
+    "import enum, functools\n"
+    "from dataclasses import dataclass, field\n"
+    "class Color(enum.Enum):\n"
+    "    RED = 1\n"
+    "    GREEN = 2\n"
+    "    CRIMSON = 1\n"
+    "    def label(self):\n"
+    "        return self.name.lower()\n"
+    "    @classmethod\n"
+    "    def _missing_(cls, value):\n"
+    "        return cls.GREEN if value == 'g' else None\n"
+    "class Level(enum.IntFlag):\n"
+    "    READ = enum.auto()\n"
+    "    WRITE = enum.auto()\n"
+    "@dataclass\n"
+    "class Item:\n"
+    "    name: str\n"
+    "    color: Color = Color.RED\n"
+    "    tags: list = field(default_factory=list)\n"
+    "class Plain:\n"
+    "    def __init__(self, v):\n"
+    "        self.v = v\n"
+    "    @functools.cached_property\n"
+    "    def double(self):\n"
+    "        return self.v * 2\n"
+    "def scale(x, by=2):\n"
+    "    return x * by\n"
+    "kept, original = Item('kept'), (Item, Plain, Color)\n"
+)
+
+
+def test_notebook_classes_and_functions_keep_their_identity(link_remote, remote):
+    """What a remote cell makes of the notebook's types is of those types locally, and
+    one definition is one class on the host too; a class the cell redefines is new."""
+    assert link_remote.run(TYPES).status == "ok"
+    made = link_remote.run(
+        f"# link: {remote}\n"
+        "items = [Item('a'), Item('b', Color('g'), ['x'])]\n"
+        "plain, twice = Plain(1), functools.partial(scale, by=3)\n"
+        "access = Level.READ | Level.WRITE\n"
+        "(items[1].color.label(), Color.CRIMSON is Color.RED, isinstance(plain, Plain), plain.double)"
+    )
+    assert made.status == "ok", made.text
+    assert made.result == "('green', True, True, 2)"
+    assert made.stderr == "", made.stderr
+    check = (
+        "(isinstance(items[0], Item), items[0].color is Color.RED, items[1].color is Color.GREEN,"
+        " type(plain) is Plain, twice.func is scale, twice(2), Level.WRITE in access,"
+        " (Item, Plain, Color) == original, type(kept) is type(items[0]), vars(plain))"
+    )
+    expected = "(True, True, True, True, True, 6, True, True, True, {'v': 1, 'double': 2})"
+    assert link_remote.run(check).result == expected
+    assert link_remote.run(f"# link: {remote}\n{check}").result == expected
+    redefined = link_remote.run(
+        f"# link: {remote}\nold = plain\nclass Plain:\n    pass\n(isinstance(old, Plain), type(old).__name__)"
+    )
+    assert redefined.result == "(False, 'Plain')", redefined.text
+    assert link_remote.run("(isinstance(old, Plain), isinstance(plain, Plain))").result == "(False, False)"
+
+
+def test_code_that_pickles_by_reference_finds_the_notebooks_classes(link_remote, remote):
+    """pickle and joblib refer to a notebook class by its name in ``__main__``: the
+    host has it there, and Link's dill leaves pickle's own table as it was."""
+    setup = link_remote.run(
+        "import pickle, types, joblib\n"
+        "class Thing:\n"
+        "    def __init__(self):\n"
+        "        self.v = [1, 2]\n"
+        "thing = Thing()\n"
+        "joblib.dump(thing, 'here.joblib')\n"
+        "pickle._Pickler.dispatch[types.FunctionType].__module__"
+    )
+    assert setup.result == "'pickle'", setup.text
+    result = link_remote.run(
+        f"# link: {remote}\n"
+        "import joblib, pickle\n"
+        "joblib.dump({'thing': thing}, 'there.joblib')\n"
+        "len(pickle.dumps(thing)) > 0"
+    )
+    assert result.result == "True", result.text
+    loaded = link_remote.run("back = joblib.load('there.joblib')['thing']\n(type(back) is Thing, back.v)")
+    assert loaded.result == "(True, [1, 2])", loaded.text
+    # a notebook that imports dill itself gets what dill's import does
+    table = "pickle._Pickler.dispatch[types.FunctionType].__module__"
+    assert link_remote.run(f"import dill\n{table}").result == "'pickle'"
+    assert link_remote.run(table).result == "'dill._dill'"
+    link_remote.run("dill.extend(False)\ndel dill")
+
+
+def test_a_cell_that_lists_the_namespace_sees_all_of_it(link_remote, remote):
+    link_remote.run("alpha, beta = 1, [2]\ncounter = (n for n in range(3))\ndef helper():\n    return 1")
+    local = link_remote.run("%who_ls")
+    there = link_remote.run(f"# link: {remote}\n%who_ls")
+    assert there.status == "ok", there.text
+    names = eval(there.result)
+    assert {"alpha", "beta", "helper"} <= set(names)
+    # everything but what cannot leave the local kernel (the generator), not an error
+    assert names == [n for n in eval(local.result) if n != "counter"]
+    assert link_remote.run(f"# link: {remote}\n'beta' in dir() and 'alpha' in globals()").result == "True"
+
+
+def test_in_memory_files_travel_with_their_content(link_remote, remote):
+    result = link_remote.run(
+        f"# link: {remote}\n"
+        "%%capture captured\n"
+        "print('captured text')"
+    )
+    assert result.status == "ok" and result.stderr == "", result.text
+    assert link_remote.run("captured.stdout").result == "'captured text\\n'"
+    moved = link_remote.run(f"# link: {remote}\nimport io\nbuf = io.BytesIO(b'abc')\nbuf.seek(1)")
+    assert moved.status == "ok", moved.text
+    assert link_remote.run("(buf.read(), buf.getvalue())").result == "(b'bc', b'abc')"
+
+
+def test_a_scheduler_made_before_a_remote_cell_steps_as_locally(link_remote, remote):
+    """A scheduler wraps its optimizer's step; after the trip the wrapper is there again,
+    so the first ``scheduler.step()`` does not warn that it was overridden."""
+    link_remote.run(
+        "import torch\n"
+        "net = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.Adam(net.parameters(), lr=0.1)\n"
+        "sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)"
+    )
+    step = (
+        "opt.zero_grad()\n"
+        "net(torch.ones(1, 2)).sum().backward()\n"
+        "opt.step()\n"
+        "sched.step()\n"
+        "sched.get_last_lr()"
+    )
+    result = link_remote.run(f"# link: {remote}\n{step}")
+    assert result.status == "ok", result.text
+    assert result.stderr == "", result.stderr
+    assert result.result == "[0.05]"
+    again = link_remote.run(step)
+    assert again.stderr == "" and again.result == "[0.025]", again.text
+
+
+def test_what_a_remote_cell_cannot_see_is_named_in_it(link_remote, remote):
+    """The local output history and a function's cache stay in the local kernel; a
+    remote cell that reads them says so."""
+    link_remote.run(
+        "import functools\n"
+        "@functools.lru_cache(maxsize=None)\n"
+        "def fib(n):\n"
+        "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+        "fib(20)"
+    )
+    cached = link_remote.run(f"# link: {remote}\nfib(10)")
+    assert cached.result == "55", cached.text
+    assert "fib: its cache (21 results) stays in the local kernel" in cached.stderr
+    link_remote.run("fib.cache_clear()")
+    assert "cache" not in link_remote.run(f"# link: {remote}\nfib(3)").stderr
+    link_remote.run("41 + 1")
+    history = link_remote.run(f"# link: {remote}\nprevious = _")
+    assert f"_: IPython's output history is the local kernel's; a cell on {remote}" in history.stderr
+    assert "output history" not in link_remote.run(f"# link: {remote}\nfor _ in range(2):\n    pass").stderr

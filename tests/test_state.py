@@ -198,3 +198,50 @@ def test_a_generator_seeded_remotely_stays_seeded_before_the_local_kernel_import
     finally:
         client.shutdown()
     assert (first.result, second.result) == ("0.22199317108973948", "0.8707323061773764"), second.text
+
+
+def test_a_figure_shown_again_in_a_later_cell_is_an_image(link_remote, remote):
+    """``fig`` on a cell's last line shows the figure, as the inline backend does for
+    any figure once it has loaded, though the host's kernel never drew it."""
+    link_remote.run("import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(3, 2))\nax.plot([1, 3, 2]);")
+    local = link_remote.run("ax.set_title('again')\nfig")
+    there = link_remote.run(f"# link: {remote}\nax.set_title('again')\nfig")
+    shown = [set(m["content"]["data"]) for m in there.of_type("execute_result")]
+    assert shown == [set(m["content"]["data"]) for m in local.of_type("execute_result")], there.text
+    assert shown == [{"image/png", "text/plain"}]
+
+
+def test_logging_configuration_travels_both_ways(link_remote, remote):
+    link_remote.run(
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s|%(name)s|%(message)s', force=True)"
+    )
+    result = link_remote.run(f"# link: {remote}\nimport logging\nlogging.getLogger('nb').info('hello')")
+    assert result.stderr == "INFO|nb|hello\n", result.text
+    link_remote.run(f"# link: {remote}\nimport logging\nlogging.getLogger('nb').setLevel(logging.ERROR)")
+    assert link_remote.run("logging.getLogger('nb').level").result == "40"
+    quiet = link_remote.run(f"# link: {remote}\nimport logging\nlogging.getLogger('nb').warning('hidden')")
+    assert quiet.stderr == "", quiet.text
+    link_remote.run("logging.root.handlers.clear()\nlogging.root.setLevel(logging.WARNING)\n"
+                    "logging.getLogger('nb').setLevel(logging.NOTSET)")
+    silent = link_remote.run(f"# link: {remote}\nimport logging\nlogging.getLogger('nb').warning('to stderr')")
+    assert silent.stderr == "to stderr\n", silent.text  # logging's last resort, as a plain kernel
+
+
+def test_the_working_directory_travels_both_ways(link_remote, remote):
+    """A cell that moves into a folder of the notebook's leaves the next cell there,
+    wherever either runs; a folder outside it is not carried."""
+    base = link_remote.run("import os\nos.getcwd()").result
+    moved = link_remote.run(
+        f"# link: {remote}\nimport os\nos.makedirs('wd_sub', exist_ok=True)\nos.chdir('wd_sub')\n"
+        "open('inside.txt', 'w').write('inside')"
+    )
+    assert moved.status == "ok", moved.text
+    where = "os.path.basename(os.getcwd()), open('inside.txt').read()"
+    assert link_remote.run(where).result == "('wd_sub', 'inside')"
+    assert link_remote.run(f"# link: {remote}\nimport os\n{where}").result == "('wd_sub', 'inside')"
+    link_remote.run(f"# link: {remote}\nimport os\nos.chdir('..')")
+    assert link_remote.run("os.getcwd()").result == base
+    link_remote.run(f"# link: {remote}\nimport os\nos.chdir('/')")
+    assert link_remote.run("os.getcwd()").result == base
+    link_remote.run(f"os.chdir({base})")

@@ -219,6 +219,11 @@ class RemoteBackend(KernelLifecycle, Backend):
             await self._release(kernel)
             kernel, keep = None, request.route.keep
         plan = Plan.of(request.code, request.route)
+        if plan.history:
+            self.notes.append(
+                f"[link] {', '.join(plan.history)}: IPython's output history is the local kernel's; "
+                f"a cell on {self.name} sees only its own kernel's there\n"
+            )
         fresh = None
         if kernel is None:
             fresh = asyncio.ensure_future(self._fresh_kernel(wanted, timings, resources))
@@ -230,7 +235,7 @@ class RemoteBackend(KernelLifecycle, Backend):
         try:
             t0 = time.perf_counter()
             record = request.content["code"] if request.record else None
-            if plan.reads or plan.placeholders or record is None:
+            if plan.reads or plan.placeholders or plan.everything or record is None:
                 inputs = await self.sync.export(plan, self.algo or "sha256", record)
                 request.recorded = request.record
             else:  # nothing to export: record the cell while the cell runs
@@ -238,7 +243,7 @@ class RemoteBackend(KernelLifecycle, Backend):
                 self._recording = asyncio.ensure_future(self.sync.local.record(record))
             await self._push(inputs)
             self._state_out, notes = await capturing
-            self.notes += notes
+            self.notes += notes + [f"[link] {line}\n" for line in inputs.notes]
             timings["inputs"] = time.perf_counter() - t0
             if request.route.files and self.journal is not None:
                 t1 = time.perf_counter()

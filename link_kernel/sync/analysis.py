@@ -74,8 +74,9 @@ ones it knows by the statements they run. As a best effort:
 Limits: other magics are opaque (``%run`` and ``%store -r`` bind names that are
 not seen; cell magics such as ``%%bash`` have no Python body); options of
 ``%time``/``%timeit``/``%prun`` are recognised only before the code; names
-reached dynamically (``globals()``, ``eval``, ``exec``, ``vars()``) are not
-seen; annotations count as reads even where Python does not evaluate them
+reached dynamically (``eval``, ``exec``, ``getattr`` on the module) are not
+seen, though a cell that lists the whole namespace (``globals()``, ``dir()``,
+``%who``: see :attr:`Names.everything`) reads every name; annotations count as reads even where Python does not evaluate them
 (``from __future__ import annotations``, local variable annotations).
 
 This module owns the scope analysis: :class:`Names`, :func:`analyze` and the walk
@@ -114,6 +115,10 @@ class Names:
     #: Module names the cell changes in place with an augmented assignment
     #: (``a *= 2``): a hint for loading them (the host copies them at once).
     inplace: frozenset[str] = frozenset()
+    #: True when the cell looks at the whole namespace (``%who``, ``%whos``,
+    #: ``%who_ls``, ``globals()``; ``dir()``, ``vars()``, ``locals()`` outside a
+    #: function): it reads every name, not only those it names.
+    everything: bool = False
 
 
 def analyze(code: str) -> Names:
@@ -129,7 +134,33 @@ def analyze(code: str) -> Names:
     names = _Analyzer().module(tree.body)
     if _IPYTHON_NAME in names.reads and not re.search(r"\bget_ipython\b", code):
         names = replace(names, reads=names.reads - {_IPYTHON_NAME})
-    return replace(names, inplace=_augmented(tree.body) & names.reads)
+    return replace(names, inplace=_augmented(tree.body) & names.reads,
+                   everything=_looks_at_everything(tree.body))
+
+
+#: Magics that list the namespace, and calls that return it (``globals()`` anywhere;
+#: the others only at module level, where their namespace is the module's).
+_NAMESPACE_MAGICS = frozenset({"who", "whos", "who_ls"})
+_NAMESPACE_CALLS = frozenset({"dir", "vars", "locals"})
+
+
+def _looks_at_everything(body: list[ast.stmt]) -> bool:
+    todo: list[tuple[ast.AST, bool]] = [(stmt, True) for stmt in body]
+    while todo:
+        node, module_level = todo.pop()
+        if isinstance(node, ast.Call):
+            func, args = node.func, node.args
+            if isinstance(func, ast.Name) and not args and not node.keywords and (
+                func.id == "globals" or (module_level and func.id in _NAMESPACE_CALLS)
+            ):
+                return True
+            if isinstance(func, ast.Attribute) and func.attr == "run_line_magic" and args \
+                    and isinstance(args[0], ast.Constant) and args[0].value in _NAMESPACE_MAGICS:
+                return True
+        inner = module_level and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                        ast.Lambda, ast.ClassDef))
+        todo.extend((child, inner) for child in ast.iter_child_nodes(node))
+    return False
 
 
 def _augmented(body: list[ast.stmt]) -> frozenset[str]:

@@ -25,6 +25,7 @@ import ast
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ def default_store() -> Path:
     return base / "link-kernel" / "blobs"
 
 
+#: IPython's output and input history: ``_``, ``__``, ``___``, ``_7``, ``Out``, ``In``...
+_HISTORY = re.compile(r"_{1,3}|_\d+|_i{1,3}|_i\d+|Out|_oh|In|_ih")
+
+
 @dataclass
 class Plan:
     """The names one remote cell takes and gives back."""
@@ -58,6 +63,11 @@ class Plan:
     placeholders: list[str] = field(default_factory=list)
     #: Inputs the cell changes in place as a whole (``a *= 2``).
     inplace: list[str] = field(default_factory=list)
+    #: The cell lists the whole namespace (``%who``, ``globals()``): every local
+    #: name that can be sent goes too; one that cannot is left out, not an error.
+    everything: bool = False
+    #: IPython's history names the cell reads (``_``, ``Out``): the host's are its own.
+    history: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, code: str, route: Route) -> Plan:
@@ -72,6 +82,8 @@ class Plan:
             outputs=_outputs(route),
             placeholders=sorted(names.placeholders),
             inplace=sorted(names.inplace),
+            everything=names.everything and route.outputs is None,
+            history=sorted(n for n in names.reads if _HISTORY.fullmatch(n)),
         )
 
 
@@ -89,6 +101,8 @@ class Inputs:
     seconds: float = 0.0
     #: Local names not sent (capped), for the host's NameError hint.
     unsent: list[str] = field(default_factory=list)
+    #: What the cell should know of its inputs (a function's cache that stays here).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:  # a group blob (values that share objects) counts once
@@ -154,7 +168,7 @@ class VariableSync:
         """
         agent = "__import__('sys').modules['__link_agent__']"
         recording = f"{agent}.record(get_ipython(), {record!r})\n" if record is not None else ""
-        if not plan.reads and not plan.placeholders:
+        if not plan.reads and not plan.placeholders and not plan.everything:
             if record is not None:
                 await self.local.record(record)
             return Inputs()
@@ -162,7 +176,8 @@ class VariableSync:
         started = time.perf_counter()
         code = recording + (
             f"{agent}._last_export = {agent}.export("
-            f"get_ipython(), {plan.reads!r}, {str(self.store)!r}, {algo!r}, {plan.placeholders!r})"
+            f"get_ipython(), {plan.reads!r}, {str(self.store)!r}, {algo!r}, {plan.placeholders!r}"
+            f"{', everything=True' if plan.everything else ''})"
         )
         result = await self.local.call(code, {"manifest": f"{agent}._last_export"})
         manifest = json.loads(ast.literal_eval(result["manifest"]))
@@ -187,6 +202,7 @@ class VariableSync:
             placeholders=manifest.get("placeholders", []),
             seconds=time.perf_counter() - started,
             unsent=manifest.get("unsent", []),
+            notes=manifest.get("notes", []),
         )
 
     def instructions(self, inputs: Inputs, plan: Plan, store: str, algo: str) -> dict[str, Any]:
