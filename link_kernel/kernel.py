@@ -443,6 +443,8 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
             err = LinkError(f"internal error in the Link router: {exc!r}")
             reply = await self._failed(parent, code, err, silent, store)
         self._in_cell = self._interrupt_waiting = False
+        if reply.status == "error" and (note := self.sync.name_error_note(reply.content)):
+            self._note(parent, note)  # a name a host kept: say which and why
         cut, spill = self.relay.end_cell()
         if cut:
             self._note(

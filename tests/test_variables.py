@@ -94,6 +94,24 @@ def test_unserializable_inputs_are_refused_before_the_cell_runs(link_remote, rem
     assert link_remote.run("sentinel").result == "'before'"
 
 
+def test_a_name_a_host_kept_says_why_when_a_later_cell_needs_it(link_remote, remote):
+    """A generator made remotely stays on the host; the NameError of the cells that use it
+    next, here or there, says where it was made and why it is not here."""
+    made = link_remote.run(f"# link: {remote}\nsquares = (i * i for i in range(5))\nnext(squares)")
+    assert made.result == "0" and "squares (generator)" in made.stderr, made.text
+    for where in ("", f"# link: {remote}\n"):
+        used = link_remote.run(f"{where}next(squares)")
+        assert used.error["ename"] == "NameError", used.text
+        assert used.stderr.endswith(
+            f"[link] squares was bound by a cell on {remote} and stayed there: "
+            "generator: a generator's position cannot be sent; turn it into a list first\n"
+        ), used.stderr
+    assert link_remote.run(f"# link: {remote}\nsquares = list(range(3))").status == "ok"
+    other = link_remote.run("del squares\nsquares")  # brought back since: nothing to say
+    assert other.error["ename"] == "NameError" and "[link]" not in other.stderr, other.text
+    assert "[link]" not in link_remote.run("undefined_thing").stderr
+
+
 def test_a_closed_file_comes_back_closed_with_its_name_and_mode(link_remote, remote):
     """``with open(...) as f`` leaves ``f`` bound to a closed file, as in plain Python."""
     result = link_remote.run(

@@ -470,6 +470,7 @@ class RemoteBackend(KernelLifecycle, Backend):
             {v["id"]: v["size"] for v in outputs.values.values() if "inline" in v}.values()
         )
         failures = await self.sync.apply(outputs)
+        self.sync.remember(self.name, outputs)
         notes = [
             f"{name} ({error['type']}): {error['reason']}" for name, error in outputs.errors.items()
         ]

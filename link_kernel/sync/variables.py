@@ -155,6 +155,8 @@ class VariableSync:
         self.store = Path(store or default_store())
         self.cap = cap
         self.algo = "xxh3t"
+        #: Names a remote cell bound but could not send back: name -> why (see remember).
+        self.left_behind: dict[str, str] = {}
 
     async def export(self, plan: Plan, algo: str, record: str | None = None) -> Inputs:
         """Write the cell's inputs as blobs in the local store.
@@ -234,12 +236,34 @@ class VariableSync:
         )
         return json.loads(ast.literal_eval(result["failures"]))
 
+    def remember(self, host: str, outputs: Outputs) -> None:
+        """Note the names a cell on ``host`` bound and could not send back, and forget
+        those a cell brought back or deleted: a later NameError for one says why."""
+        for name in [*outputs.values, *outputs.deleted]:
+            self.left_behind.pop(name, None)
+        for name, error in outputs.errors.items():
+            self.left_behind[name] = (
+                f"{name} was bound by a cell on {host} and stayed there: "
+                f"{error.get('type')}: {error.get('reason')}"
+            )
+
+    def name_error_note(self, content: dict[str, Any]) -> str:
+        """The note for a cell that raised NameError on a name left behind on a host."""
+        if content.get("ename") != "NameError":
+            return ""
+        match = _NAME_ERROR.fullmatch(str(content.get("evalue", "")))
+        why = self.left_behind.get(match.group(1)) if match else None
+        return f"[link] {why}\n" if why else ""
+
     def missing_locally(self, outputs: Outputs) -> list[str]:
         return list(dict.fromkeys(
             v["id"]
             for v in outputs.values.values()
             if "inline" not in v and not has_blob(str(self.store), v["id"])
         ))
+
+
+_NAME_ERROR = re.compile(r"name '(\w+)' is not defined")
 
 
 def _entry(value: dict[str, Any]) -> Any:
