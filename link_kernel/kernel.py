@@ -43,7 +43,7 @@ from jupyter_client.session import DELIM
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Float, Int, Unicode
 
-from . import __version__, routing
+from . import __version__, routing, warmup
 from .backends import Backend, ExecuteRequest, Reply
 from . import hosts as hosts_module
 from .backends.local import LocalBackend
@@ -139,6 +139,10 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
     show_target = Bool(
         True, help="Under each remote cell, one quiet line says where it ran and how long it took."
     ).tag(config=True)
+    warm_ahead = Bool(
+        True, help="At the start, each host the saved notebook routes to starts its fork server "
+        "with the notebook's modules imported.",
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -158,6 +162,7 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
         )
         self.remotes: dict[str, RemoteBackend] = {}
         self._retired: set[asyncio.Future] = set()
+        self._warming: set[asyncio.Future] = set()
         self.sync = VariableSync(self.local)
         self.journal: Journal | None = None
         self._unsynced = ""  # why the notebook folder is not synced, once said
@@ -184,12 +189,37 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
     async def _start_backends(self) -> None:
         if self._started is None:  # a request that came first may have started it
             self._started = asyncio.ensure_future(self.local.start())
+        # a notebook named by the frontend warms its hosts while the local kernel starts
+        # (VS Code's is asked of the local kernel, once it runs)
+        early = bool(os.environ.get("JPY_SESSION_NAME"))
+        if early:
+            await self._warm_hosts()
         try:
             await self._started
         except Exception:
             self.log.exception("the local kernel did not start")
         # The cell analysis imports IPython's transformers (~100 ms): not in a cell.
         await asyncio.to_thread(importlib.import_module, "IPython.core.inputtransformer2")
+        if not early:
+            await self._warm_hosts()
+
+    async def _warm_hosts(self) -> None:
+        """Each host the saved notebook routes to (or the default target) gets its fork
+        server and a standby ready, with the notebook's modules (see warmup)."""
+        if not self.warm_ahead or self._closing:
+            return
+        path = await self.notebook_path()
+        sources = await asyncio.to_thread(warmup.read, path) if path is not None else []
+        try:
+            known = self.known_targets()
+        except LinkError:  # a malformed hosts file: the first cell says so
+            return
+        hosts = warmup.routed_hosts([*sources, f"# link: {'|'.join(self.default)}"], known)
+        modules = warmup.imported_modules(sources, Path(os.getcwd()))
+        for target in hosts:
+            task = asyncio.ensure_future(self.backend(target).warm_ahead(modules))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
 
     async def _ready(self) -> None:
         """Wait for the local kernel's first start; restart it if it died."""
@@ -222,8 +252,10 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
     async def stop_backends(self, *, restart: bool = False) -> None:
         """End every kernel the router started. Runs on the main loop."""
         self._closing = True
-        if self._retired:
-            await asyncio.gather(*self._retired, return_exceptions=True)
+        for task in list(self._warming):
+            task.cancel()
+        if self._retired or self._warming:
+            await asyncio.gather(*self._retired, *self._warming, return_exceptions=True)
         backends = [*self.remotes.values(), self.local]
         results = await asyncio.gather(
             *(b.shutdown(restart=restart) for b in backends), return_exceptions=True

@@ -386,3 +386,54 @@ def test_run_all_keeps_a_spare_standby_that_goes_when_the_cells_stop(notebook, r
     assert "spare" not in status and "standby kernel pid" in status, status  # one standby stays
     (pid, _, server), _ = lineage(notebook, remote)  # the next cell takes that one
     assert server and pid not in pids + spare
+
+
+def saved_notebook(folder: Path, sources: list[str]) -> Path:
+    cells = [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "outputs": [],
+              "execution_count": None, "source": source} for i, source in enumerate(sources)]
+    path = folder / "analysis.ipynb"
+    path.write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": cells}))
+    return path
+
+
+def test_a_saved_notebook_has_its_host_warmed_before_its_first_routed_cell(remote, tmp_path):
+    """Opened in JupyterLab (JPY_SESSION_NAME names the file), the notebook says where
+    its cells go and what they import: the host's fork server starts with those modules
+    (the notebook's own are left out: test_warmup), and the first routed cell is forked
+    with them."""
+    (tmp_path / "helpers.py").write_text("")
+    probe = "import sys\nprint(sorted(m for m in ('colorsys', 'fractions') if m in sys.modules))"
+    path = saved_notebook(tmp_path, [
+        "import colorsys\nimport helpers\nfrom fractions import Fraction",
+        "%matplotlib inline\n!ls",
+        "# link: nowhere\nx = 1",  # an unknown host: said when the cell runs
+        f"# link: {remote}|local\n{probe}",
+    ])
+    client = start_client("link", cwd=str(tmp_path), env={"JPY_SESSION_NAME": str(path)})
+    try:
+        deadline = time.monotonic() + 30
+        status = ""
+        while time.monotonic() < deadline and "standby kernel pid" not in status:
+            time.sleep(0.2)
+            status = client.run("%link status").text
+        assert "fork server pid" in status and "standby kernel pid" in status, status
+        assert "colorsys" in status and "fractions" in status, status
+        (pid, sup, server), out = lineage(client, remote, probe)  # the namespace is empty
+        assert server, status
+        assert out.strip() == "['colorsys', 'fractions']"
+        assert client.run("# link: nowhere\nx = 1").status == "error"
+    finally:
+        client.shutdown()
+
+
+def test_without_a_saved_notebook_no_host_is_started_ahead(remote, tmp_path):
+    path = saved_notebook(tmp_path, [f"# link: {remote}\nimport colorsys"])
+    client = start_client("link", cwd=str(tmp_path), env={"JPY_SESSION_NAME": str(path) + ".gone"})
+    try:
+        time.sleep(1.5)
+        status = client.run("%link status").text
+        assert "fork server" not in status and "standby" not in status, status
+        (pid, sup, server), _ = lineage(client, remote)
+        assert server  # the first routed cell starts the fork server itself
+    finally:
+        client.shutdown()

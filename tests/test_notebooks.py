@@ -12,6 +12,7 @@ match cell by cell.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 import struct
@@ -105,12 +106,20 @@ def _fresh_copy(name: str, where: Path) -> Path:
     return where / f"{name}.ipynb"
 
 
-def execute(name: str, where: Path, kernel: str, *, edit=None, allow_errors: bool = False):
-    """Run a fresh copy of notebook ``name`` in ``where``; return the executed notebook."""
+def execute(name: str, where: Path, kernel: str, *, edit=None, allow_errors: bool = False,
+            saved: bool = False):
+    """Run a fresh copy of notebook ``name`` in ``where``; return the executed notebook.
+
+    ``saved``: as JupyterLab runs it, the (edited) notebook saved and its path in the
+    kernel's ``JPY_SESSION_NAME`` (nbclient names no file)."""
     path = _fresh_copy(name, where)
     nb = nbformat.read(path, as_version=4)
     if edit is not None:
         edit(nb)
+    env = {}
+    if saved:
+        nbformat.write(nb, path)
+        env["env"] = {**os.environ, "JPY_SESSION_NAME": str(path)}
     # Several notebooks start at once in this one process. Over tcp, jupyter_client
     # picks each kernel's ports by binding and releasing them, and a port released
     # here can be taken by another kernel's connection before its owner binds it;
@@ -128,7 +137,7 @@ def execute(name: str, where: Path, kernel: str, *, edit=None, allow_errors: boo
         log = where / "kernel.log"  # the router's own log: shown if the run fails
         with log.open("wb") as stderr:
             try:
-                client.execute(stderr=stderr)
+                client.execute(stderr=stderr, **env)
             except Exception as exc:
                 exc.add_note(f"{kernel} kernel's log:\n{log.read_text(errors='replace')[-4000:]}")
                 raise
@@ -318,7 +327,10 @@ class HeavyRuns(dict):
     def _run(self, name: str):
         alias = self.alias(name)
         try:
-            return alias, execute(name, self.base / name, "link", edit=route_heavy(alias), allow_errors=True)
+            # as JupyterLab runs it: the kernel reads the saved notebook (and warms its host)
+            routed = execute(name, self.base / name, "link", edit=route_heavy(alias), allow_errors=True,
+                             saved=True)
+            return alias, routed
         except Exception as exc:  # noqa: BLE001 (the notebook's own test raises it)
             return alias, exc
 

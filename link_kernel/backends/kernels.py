@@ -211,6 +211,30 @@ class KernelLifecycle:
             server.import_ahead(self.state.modules)
         return name
 
+    async def warm_ahead(self, modules: list[str]) -> None:
+        """The saved notebook routes cells here: start the host's fork server now,
+        with the modules the notebook imports, and a standby forked from it, so its
+        first routed cell finds a kernel with them (see :mod:`link_kernel.warmup`).
+
+        Only where kernels are forked (a fork server and a standby cost the host a
+        process each, as after any cell); a failure is logged: the cell tries again."""
+        if not (self.host.forks_kernels and self.host.keeps_standby) or self._closing:
+            return
+        try:
+            await self.reach()
+            python = await self._python(self.host.kernel)
+            server = self._forks.get(python)
+            if server is None or not server.serving:
+                if not await self._fork_server(python):
+                    return
+                server = self._forks[python]
+            if modules:
+                server.import_ahead(modules)
+            if self.standby is None and self.kept is None and self.running is None:
+                self._start_standby()
+        except (LinkError, OSError, EOFError, asyncio.TimeoutError) as exc:
+            log.info("%s not warmed ahead of the notebook's cells: %s", self.name, exc)
+
     async def _close_fork_servers(self) -> None:
         servers = list(self._forks.values())
         self._forks.clear()

@@ -250,7 +250,9 @@ class RemoteBackend(KernelLifecycle, Backend):
                 await self.push_files()
                 timings["files out"] = time.perf_counter() - t1
             if fresh is not None:
+                t2 = time.perf_counter()
                 kernel = await self._checked(await fresh, timings, resources)
+                timings["kernel wait"] = time.perf_counter() - t2  # after the inputs went
                 self._next_standby_now(kernel)
         except BaseException:
             # not cancelled: a request to the local kernel cut off mid-way would leave
