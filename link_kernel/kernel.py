@@ -190,7 +190,7 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
         if self._started is None:  # a request that came first may have started it
             self._started = asyncio.ensure_future(self.local.start())
         # a notebook named by the frontend warms its hosts while the local kernel starts
-        # (VS Code's is asked of the local kernel, once it runs)
+        # (VS Code names its file in the namespace, after the start: too late for this)
         early = bool(os.environ.get("JPY_SESSION_NAME"))
         if early:
             await self._warm_hosts()
@@ -208,7 +208,7 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
         server and a standby ready, with the notebook's modules (see warmup)."""
         if not self.warm_ahead or self._closing:
             return
-        path = await self.notebook_path()
+        path = await self.notebook_path() if os.environ.get("JPY_SESSION_NAME") else None
         sources = await asyncio.to_thread(warmup.read, path) if path is not None else []
         try:
             known = self.known_targets()

@@ -437,3 +437,39 @@ def test_without_a_saved_notebook_no_host_is_started_ahead(remote, tmp_path):
         assert server  # the first routed cell starts the fork server itself
     finally:
         client.shutdown()
+
+
+def _configured(tmp_path: Path, text: str) -> dict:
+    profile = tmp_path / "ipython" / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "link_kernel_config.py").write_text(text)
+    return {"IPYTHONDIR": str(tmp_path / "ipython")}
+
+
+def _status_after_start(client, seconds: float = 15.0) -> str:
+    deadline = time.monotonic() + seconds
+    status = ""
+    while time.monotonic() < deadline and "standby kernel pid" not in status:
+        time.sleep(0.2)
+        status = client.run("%link status").text
+    return status
+
+
+def test_a_remote_default_target_is_warmed_at_the_start_and_warm_ahead_can_be_off(tmp_path):
+    register(HostConfig(alias="procd", transport="process", workdir=str(tmp_path / "work")))
+    env = _configured(tmp_path / "on", "c.LinkKernel.default_target = 'procd|local'\n")
+    client = start_client("link", cwd=str(tmp_path), env=env)
+    try:
+        status = _status_after_start(client)
+        assert "fork server pid" in status and "standby kernel pid" in status, status
+    finally:
+        client.shutdown()
+    env = _configured(tmp_path / "off", "c.LinkKernel.default_target = 'procd|local'\n"
+                                        "c.LinkKernel.warm_ahead = False\n")
+    client = start_client("link", cwd=str(tmp_path), env=env)
+    try:
+        time.sleep(1.5)
+        status = client.run("# link: local\n%link status").text
+        assert "fork server" not in status and "standby" not in status, status
+    finally:
+        client.shutdown()
