@@ -221,8 +221,9 @@ def _refusal(obj) -> str:
     return f"a {kind} belongs to the process that made it and cannot be sent"
 
 
-#: reverted: dill's import undone in pickle's table; notebook: the notebook imported dill
-_DILL = {"reverted": False, "notebook": False}
+#: reverted: dill's import undone in pickle's table; notebook: the notebook imported dill;
+#: look: the namespace is to be looked at once after the revert (it may have dill already)
+_DILL = {"reverted": False, "notebook": False, "look": False}
 
 
 def _dill():
@@ -238,17 +239,21 @@ def _dill():
     import dill
 
     if not _DILL["reverted"] and not _DILL["notebook"]:
-        _DILL["reverted"] = True
+        _DILL["reverted"] = _DILL["look"] = True
         dill.extend(False)
     return dill
 
 
-def _dill_for_the_notebook(shell) -> None:
+def _dill_for_the_notebook(shell, raw_cell: str) -> None:
     """After a cell: if the notebook imported dill (bound it or a name from it), dill
-    extends pickle's registry, as its own import does, once."""
+    extends pickle's registry, as its own import does, once. The namespace is walked
+    only after a cell that names dill (and once after Link's revert), not every cell."""
     dill = sys.modules.get("dill")
     if dill is None or _DILL["notebook"] or not _DILL["reverted"]:
         return
+    if not _DILL["look"] and "dill" not in raw_cell:
+        return
+    _DILL["look"] = False
     for value in list(shell.user_ns.values()):
         if isinstance(value, types.ModuleType):
             home = value.__name__
@@ -2845,7 +2850,10 @@ def install(shell, wrap: bool = True) -> None:
         """Handled by the Link router; a no-op inside a kernel."""
 
     shell.register_magic_function(link, "line", "link")
-    shell.events.register("post_run_cell", lambda result: _dill_for_the_notebook(shell))
+    shell.events.register(
+        "post_run_cell",
+        lambda result: _dill_for_the_notebook(shell, getattr(result.info, "raw_cell", None) or ""),
+    )
     kernel = getattr(shell, "kernel", None)
     handlers = getattr(kernel, "shell_handlers", None)
     if wrap and handlers is not None and "execute_request" in handlers:
