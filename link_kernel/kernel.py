@@ -189,23 +189,19 @@ class LinkKernel(RouterPipeline, RouterCommands, Kernel):
     async def _start_backends(self) -> None:
         if self._started is None:  # a request that came first may have started it
             self._started = asyncio.ensure_future(self.local.start())
-        # a notebook named by the frontend warms its hosts while the local kernel starts
-        # (VS Code names its file in the namespace, after the start: too late for this)
-        early = bool(os.environ.get("JPY_SESSION_NAME"))
-        if early:
-            await self._warm_hosts()
+        await self._warm_hosts()  # while the local kernel starts
         try:
             await self._started
         except Exception:
             self.log.exception("the local kernel did not start")
         # The cell analysis imports IPython's transformers (~100 ms): not in a cell.
         await asyncio.to_thread(importlib.import_module, "IPython.core.inputtransformer2")
-        if not early:
-            await self._warm_hosts()
 
     async def _warm_hosts(self) -> None:
         """Each host the saved notebook routes to (or the default target) gets its fork
-        server and a standby ready, with the notebook's modules (see warmup)."""
+        server and a standby ready, with the notebook's modules (see warmup). Only the
+        file the frontend names counts: VS Code names its file in the namespace once the
+        kernel runs, too late for this."""
         if not self.warm_ahead or self._closing:
             return
         path = await self.notebook_path() if os.environ.get("JPY_SESSION_NAME") else None

@@ -223,15 +223,10 @@ class KernelLifecycle:
         try:
             await self.reach()
             python = await self._python(self.host.kernel)
-            server = self._forks.get(python)
-            if server is None or not server.serving:
-                if not await self._fork_server(python):
-                    return
-                server = self._forks[python]
-            if modules:
-                server.import_ahead(modules)
-            if self.standby is None and self.kept is None and self.running is None:
-                self._start_standby()
+            if not await self._fork_server(python):
+                return
+            self._forks[python].import_ahead(modules)  # before the standby's fork
+            self._start_standby()
         except (LinkError, OSError, EOFError, asyncio.TimeoutError) as exc:
             log.info("%s not warmed ahead of the notebook's cells: %s", self.name, exc)
 
