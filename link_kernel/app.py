@@ -43,9 +43,17 @@ class LoopSocket:
         if reader is None:
             self.socket.send_multipart(parts, copy=copy, **kwargs)
         elif threading.get_ident() == self.thread:
-            reader.send(parts)
+            self._send(parts)
         else:
-            reader.loop.call_soon_threadsafe(reader.send, list(parts))
+            reader.loop.call_soon_threadsafe(self._send, list(parts))
+
+    def _send(self, parts: list) -> None:
+        # A client that subscribed is sent this message as soon as zmq has seen its
+        # subscription, which may be before the loop read it: welcome it first, so
+        # that its first message is always its iopub_welcome.
+        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.reader.drain()
+        self.reader.send(parts)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.socket, name)
@@ -126,7 +134,7 @@ class LinkKernelApp(IPKernelApp):
             msg = self.session.msg("iopub_welcome", {"subscription": topic})
             msg["parent_header"] = {}
             parts = self.session.serialize(msg)
-            self.iopub_socket.send_multipart([topic.encode(), *parts] if topic else parts)
+            self.iopub_socket.reader.send([topic.encode(), *parts] if topic else parts)
 
     def start(self) -> None:
         loop = asyncio.get_event_loop()

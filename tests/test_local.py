@@ -317,3 +317,53 @@ def test_sigusr1_dumps_the_routers_threads_and_tasks(tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+def test_each_new_iopub_subscription_gets_its_welcome_first(link):
+    """A client that subscribes while the kernel is publishing (another client's
+    cells) gets ``iopub_welcome`` before any other message. zmq tells the kernel of
+    a topic's first subscriber only, so each subscriber here takes a topic of its
+    own: a prefix, one character longer each time, of the topic of Link's statuses."""
+    import threading
+
+    import zmq
+    from jupyter_client.session import Session
+
+    stop = threading.Event()
+
+    def publish():
+        while not stop.is_set():
+            link.run("1")
+
+    session = Session(key=link.km.session.key, signature_scheme=link.km.session.signature_scheme)
+    info = link.km.get_connection_info()
+    url = f"{info['transport']}://{info['ip']}:{info['iopub_port']}"
+    context = zmq.Context.instance()
+
+    def messages(topic: bytes, count: int):
+        """The first ``count`` (topic, msg_type) a new subscriber to ``topic`` gets."""
+        sub = context.socket(zmq.SUB)
+        got = []
+        try:
+            sub.subscribe(topic)
+            sub.connect(url)
+            while len(got) < count:
+                assert sub.poll(10_000), f"no iopub message in 10 s for topic {topic!r}"
+                idents, frames = session.feed_identities(sub.recv_multipart())
+                got.append((idents[0], session.deserialize(frames)["header"]["msg_type"]))
+            return got
+        finally:
+            sub.close(linger=0)
+
+    busy = threading.Thread(target=publish)
+    busy.start()
+    try:
+        seen = messages(b"kernel.", 12)
+        status = next(topic for topic, kind in seen if kind == "status")
+        firsts = [seen[0]]
+        firsts += [messages(status[:n], 1)[0] for n in range(len(b"kernel.") + 1, len(status) + 1)]
+    finally:
+        stop.set()
+        busy.join()
+    kinds = [kind for _, kind in firsts]
+    assert len(kinds) > 30 and kinds == ["iopub_welcome"] * len(kinds), kinds
